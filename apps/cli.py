@@ -1,0 +1,288 @@
+"""The ``dlpipe`` command line. Commands are thin: parse, import lazily, call one library function,
+print. Heavy imports (torch) happen inside the commands, so ``dlpipe --help`` stays fast."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from dlpipe.apps.output import emit, table
+from dlpipe.runtime.errors import DlpipeError
+from dlpipe.runtime.formats import PRECISIONS, QUANTIZED, variant_path
+
+
+class CommandError(click.ClickException):
+    """A :class:`DlpipeError` shown as one line with the error's exit code."""
+
+    def __init__(self, error: DlpipeError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"dlpipe: error: {self.format_message()}", err=True, file=file)
+
+
+class DlpipeGroup(click.Group):
+    """Click group that turns user-facing errors into one line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except DlpipeError as exc:
+            raise CommandError(exc) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                      help="Execution provider: CUDA only when it really runs (auto), or insist on one.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                        help="Data root (default: $DLPIPE_DATA_DIR, else ~/.cache/dlpipe/data).")
+
+
+@click.group(cls=DlpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dlpipe")
+def cli() -> None:
+    """dlpipe: train -> export to ONNX -> quantize (fp16/int8) -> serve with onnxruntime."""
+
+
+@cli.command("models")
+@JSON
+def models_cmd(as_json: bool) -> None:
+    """List the registered models."""
+    from dlpipe.training.registry import get_spec, list_models
+
+    specs = [get_spec(n) for n in list_models()]
+    rows = [[s.name, s.task, s.default_dataset, s.description] for s in specs]
+    emit([dict(zip(["name", "task", "default_dataset", "description"], r)) for r in rows], as_json,
+         table(rows, ["model", "task", "default dataset", "description"]))
+
+
+@cli.command("train")
+@click.argument("model")
+@click.option("--dataset", default=None, help="mnist, fashion-mnist or shapes (default: the model's).")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="(Peak) learning rate.")
+@click.option("--optimizer", default=None,
+              help="sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam, adamw or radam.")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--init", default=None, help="Weight init: default, he, xavier or lecun.")
+@click.option("--batch-norm/--no-batch-norm", default=None, help="Insert batch normalisation (model default).")
+@click.option("--schedule", default="none", show_default=True, help="none, step, cosine or onecycle.")
+@click.option("--augment", default="none", show_default=True, help="none, shift, affine or crop.")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--patience", type=int, default=0, show_default=True, help="Early stopping patience (0: off).")
+@click.option("--limit", type=int, default=None, help="Train on the first N images only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False))
+@click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
+@click.option("--download", is_flag=True, help="Let torchvision download a missing dataset.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@DATA_DIR
+@JSON
+def train_cmd(model, as_json, no_progress, **opts) -> None:
+    """Train MODEL; writes best.pt, last.pt and metrics.jsonl to --out."""
+    from dlpipe.training.train import TrainConfig, main
+
+    result = main(TrainConfig(model=model, progress=not no_progress, **opts))
+    human = (f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}\n"
+             f"checkpoint: {result['best']}\nnext: dlpipe export {result['best']} --out model.onnx")
+    emit(result, as_json, human)
+
+
+@cli.command("export")
+@click.argument("checkpoint", required=False, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the model's contract).")
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True)
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default=None,
+              help="torch.onnx exporter (default: the model's contract).")
+@click.option("--builder", default=None, help="Your own model: package.module:function returning an nn.Module.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict for --builder.")
+@click.option("--input-shape", default=None, help="C,H,W of one input, for --builder.")
+@click.option("--labels", default=None, help="Class names, comma-separated or @file (one per line), for --builder.")
+@click.option("--mean", default=None, help="Per-channel mean (0-1 scale), for --builder.")
+@click.option("--std", default=None, help="Per-channel std (0-1 scale), for --builder.")
+@JSON
+def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights, input_shape, labels, mean, std,
+               as_json) -> None:
+    """Export a training CHECKPOINT (or your own --builder module) to ONNX, with parity checks."""
+    from dlpipe.export.onnx_export import export_checkpoint, export_user_module
+
+    if (checkpoint is None) == (builder is None):
+        raise click.UsageError("give either a CHECKPOINT or --builder (with --input-shape and --labels)")
+    if builder:
+        if not input_shape or not labels:
+            raise click.UsageError("--builder needs --input-shape C,H,W and --labels")
+        names = (Path(labels[1:]).read_text().split() if labels.startswith("@") else labels.split(","))
+        report = export_user_module(builder, out, input_shape=_ints(input_shape), labels=names, weights=weights,
+                                    mean=_floats(mean), std=_floats(std), opset=opset, dynamic_batch=dynamic_batch,
+                                    exporter=exporter or "dynamo")
+    else:
+        report = export_checkpoint(checkpoint, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
+    rows = [[p.output, p.batch, "x".join(map(str, p.shape)), f"{p.max_abs:.2e}", f"{p.atol:g}"] for p in report.parity]
+    human = (f"wrote {report.path} ({report.model}, opset {report.opset}, {report.exporter} exporter, "
+             f"{report.seconds:.1f}s)\nparity with PyTorch:\n" + table(rows, ["output", "batch", "shape", "max |diff|", "atol"]))
+    emit(report.as_dict(), as_json, human)
+
+
+@cli.command("quantize")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--to", "precision", type=click.Choice(list(QUANTIZED)), required=True)
+@click.option("--method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
+              help="int8: static QDQ (calibrated) or dynamic.")
+@click.option("--calibration", default=None,
+              help="Calibration data: dataset name, image folder or .npy (default: the model's dataset).")
+@click.option("--calibration-size", type=int, default=256, show_default=True)
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True)
+@click.option("--per-channel/--per-tensor", default=True, show_default=True)
+@click.option("--keep-fp32", multiple=True, help="Operator type to keep in float32 (repeatable).")
+@click.option("--min-agreement", type=float, default=0.98, show_default=True,
+              help="Fail when top-1 agreement with fp32 is lower.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: MODEL.<precision>.onnx")
+@DATA_DIR
+@JSON
+def quantize_cmd(model, precision, method, calibration, calibration_size, calibration_method, per_channel, keep_fp32,
+                 min_agreement, out, data_dir, as_json) -> None:
+    """Quantize a dlpipe fp32 ONNX MODEL to fp16 or int8 and check it against fp32."""
+    from dlpipe.export.quantize import QuantizationConfig, quantize
+
+    config = QuantizationConfig(precision=precision, method=method, per_channel=per_channel,
+                                calibration_method=calibration_method, calibration_size=calibration_size,
+                                keep_fp32=tuple(keep_fp32), min_agreement=min_agreement)
+    report = quantize(model, out or variant_path(model, precision), config, calibration=calibration,
+                      data_dir=data_dir)
+    ops = ", ".join(f"{k} {v}" for k, v in report.op_counts.items())
+    human = (f"wrote {report.path} ({report.precision}{' ' + report.method if report.method else ''}, "
+             f"{report.size_bytes / 1024:.0f} KiB vs {report.fp32_size_bytes / 1024:.0f} KiB fp32)\n"
+             f"top-1 agreement with fp32: {report.agreement:.2%} on {report.check_images} images "
+             f"(max |diff| {report.max_abs_diff:.3g})\noperators: {ops}\n"
+             f"kept in fp32: {', '.join(report.kept_fp32) or 'none'}")
+    emit(report.as_dict(), as_json, human)
+
+
+@cli.command("evaluate")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--dataset", default=None, help="Default: the dataset in the model's metadata.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--limit", type=int, default=None, help="First N images only.")
+@click.option("--confusion", is_flag=True, help="Print the confusion matrix.")
+@DEVICE
+@DATA_DIR
+@JSON
+def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_json) -> None:
+    """Accuracy of each ONNX model (any precision) through the runtime."""
+    from dlpipe.training.evaluate import evaluate_onnx
+
+    reports = [evaluate_onnx(m, dataset, split, limit, data_dir, device) for m in models]
+    rows = [[r["model"], r["precision"], r["dataset"], r["images"], f"{100 * r['accuracy']:.2f}%"] for r in reports]
+    human = table(rows, ["model", "precision", "dataset", "images", "accuracy"])
+    if confusion:
+        for r in reports:
+            labels = [lbl[:6] for lbl in r["labels"]] or [str(i) for i in range(len(r["confusion"]))]
+            human += f"\n\nconfusion matrix of {r['model']} (rows: true, columns: predicted)\n"
+            human += table([[labels[i], *row] for i, row in enumerate(r["confusion"])], ["", *labels])
+    emit(reports, as_json, human)
+
+
+@cli.command("bench")
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--vs-torch", "checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Also time PyTorch eager from this checkpoint.")
+@click.option("--batch", "batches", default="1,64", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--iters", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--threads", type=int, default=None, help="Threads for onnxruntime and torch alike.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+@JSON
+def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, as_json) -> None:
+    """Latency (p50/p90/p99) and throughput of ONNX MODELS, beside PyTorch eager."""
+    import json
+
+    from dlpipe.training.evaluate import benchmark
+
+    stats = benchmark(models, _ints(batches), checkpoint, warmup, iters, threads, device)
+    data = [s.as_dict() for s in stats]
+    if out:
+        Path(out).write_text(json.dumps(data, indent=2))
+    rows = [[s.name, s.batch, s.p50_ms, s.p90_ms, s.p99_ms, f"{s.throughput:.0f}"] for s in stats]
+    emit(data, as_json, table(rows, ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"]))
+
+
+@cli.command("classify")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=int, default=3, show_default=True)
+@DEVICE
+@JSON
+def classify_cmd(model, images, top_k, device, as_json) -> None:
+    """Top-k labels for IMAGES (PNG/JPEG, any size, colour or grayscale)."""
+    from dlpipe.runtime import load
+
+    predictor = load(model, device=device)
+    if predictor.task != "classification":
+        raise click.UsageError(f"'{model}' is a {predictor.task} model, not a classifier")
+    results = predictor.predict(list(images), top_k=top_k)
+    data = [{"image": img, "label": r.label, "score": r.score, "top_k": [{"label": l, "score": s} for l, s in r.top_k]}
+            for img, r in zip(images, results)]
+    rows = [[img, r.label, f"{r.score:.3f}", ", ".join(f"{l} {s:.3f}" for l, s in r.top_k[1:])]
+            for img, r in zip(images, results)]
+    emit(data, as_json, table(rows, ["image", "label", "prob", "next best"]))
+
+
+@cli.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--dataset", default="shapes", show_default=True,
+              help="shapes (embedded, no files) or mnist/fashion-mnist when the data root has them.")
+@click.option("--model", default="lenet5", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Default: 4 on shapes, 2 on MNIST.")
+@click.option("--quick", is_flag=True, help="A tiny run (seconds) that still goes through every stage.")
+@DATA_DIR
+@JSON
+def demo_cmd(out, dataset, model, epochs, quick, data_dir, as_json) -> None:
+    """The whole pipeline in one command: train, export, quantize, evaluate, bench, classify."""
+    from dlpipe.apps.demo import run_demo
+
+    summary = run_demo(out=out, dataset=dataset, model=model, epochs=epochs, quick=quick, data_dir=data_dir)
+    rows = [[v["variant"], f"{v['size_kib']:.0f}", f"{100 * v['accuracy']:.2f}%", v["agreement"], v["p50_ms_b1"],
+             f"{v['throughput_b64']:.0f}"] for v in summary["variants"]]
+    human = (table(rows, ["variant", "KiB", "accuracy", "agrees w/ fp32", "p50 ms (b=1)", "img/s (b=64)"])
+             + "\n\nsample classifications (int8):\n"
+             + table([[c["image"], c["truth"], c["label"], f"{c['score']:.3f}"] for c in summary["samples"]],
+                     ["image", "truth", "predicted", "prob"])
+             + f"\n\nartifacts in {summary['out']}")
+    emit(summary, as_json, human)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="dlpipe")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Export to a self-describing ONNX file: torch.onnx, ``onnx.checker``, metadata, then parity on
+real inputs of two other batch sizes, written atomically (nothing is left half-written)."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import contextlib
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnx
+import torch
+from torch import nn
+
+from dlpipe.export.metadata import build_metadata, write_metadata
+from dlpipe.export.validate import ParityResult, validate_parity
+from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
+from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
+from dlpipe.training.registry import OnnxContract, get_spec
+
+EXPORTERS = ("dynamo", "torchscript")
+
+
+class ExportError(DlpipeError):
+    """torch.onnx could not export the model, or the result failed ``onnx.checker``."""
+
+
+@dataclass
+class ExportReport:
+    """What an export produced and how it was checked."""
+
+    path: str
+    model: str
+    opset: int
+    exporter: str
+    dynamic_axes: dict[str, dict[int, str]]
+    parity: list[ParityResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "model": self.model, "opset": self.opset, "exporter": self.exporter,
+                "dynamic_axes": self.dynamic_axes, "parity": [p.as_dict() for p in self.parity],
+                "seconds": round(self.seconds, 3)}
+
+
+def _axes(contract: OnnxContract, dynamic_batch: bool) -> dict[str, dict[int, str]]:
+    axes = {**contract.inputs, **contract.outputs}
+    if not dynamic_batch:
+        axes = {k: {a: n for a, n in v.items() if a != 0} for k, v in axes.items()}
+    return {k: v for k, v in axes.items() if v}
+
+
+def _torch_export(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, contract: OnnxContract,
+                  opset: int, axes: dict[str, dict[int, str]], exporter: str) -> None:
+    kwargs: dict[str, Any] = dict(input_names=list(contract.inputs), output_names=list(contract.outputs),
+                                  opset_version=opset, dynamic_axes=axes or None)
+    if exporter == "dynamo":
+        kwargs.update(dynamo=True, external_data=False, verbose=False)
+    else:
+        kwargs.update(dynamo=False)
+    # torch.onnx prints progress and deprecation chatter; keep the user's terminal for our own lines.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), **kwargs)
+
+
+def export_module(module: nn.Module, example: tuple[torch.Tensor, ...], out: str | Path, *, contract: OnnxContract,
+                  metadata: dict[str, Any], check_inputs: Sequence[tuple[torch.Tensor, ...]], opset: int | None = None,
+                  dynamic_batch: bool = True, exporter: str = "dynamo", name: str = "") -> ExportReport:
+    """Export ``module`` traced on ``example`` to ``out`` and validate it on ``check_inputs``.
+
+    Raises:
+        ExportError: torch.onnx failed or the graph is invalid.
+        ParityError: the exported graph disagrees with PyTorch on a check input.
+    """
+    if exporter not in EXPORTERS:
+        raise InputError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    start = time.perf_counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    opset = opset or contract.opset
+    axes = _axes(contract, dynamic_batch)
+    module = module.eval()
+    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".onnx.tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            _torch_export(module, example, tmp, contract, opset, axes, exporter)
+            model = onnx.load(str(tmp))
+            onnx.checker.check_model(model, full_check=True)
+        except DlpipeError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hint = " (try --exporter torchscript)" if exporter == "dynamo" else ""
+            raise ExportError(f"exporting {name or type(module).__name__} to '{out}' failed: {first}{hint}") from None
+        metadata = {**metadata, "opset": opset, "exporter": exporter}
+        write_metadata(model, metadata)
+        onnx.save(model, str(tmp))
+        parity = validate_parity(tmp, module, check_inputs, list(contract.outputs), contract.atol, contract.rtol)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return ExportReport(str(out), name, opset, exporter, axes, parity, time.perf_counter() - start)
+
+
+def _check_batches(examples: torch.Tensor, dynamic_batch: bool) -> tuple[tuple, list[tuple]]:
+    """Export on 2 real inputs; check on 1 and on up to 16 others (two other batch sizes)."""
+    if len(examples) < 4:
+        raise ModelFileError("the checkpoint holds fewer than 4 example inputs; cannot prove parity")
+    if not dynamic_batch:
+        return (examples[:1],), [(examples[1:2],), (examples[2:3],)]
+    return (examples[:2],), [(examples[2:3],), (examples[3:19],)]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
+                      exporter: str | None = None) -> ExportReport:
+    """Export a dlpipe training checkpoint (any registered model) to a self-describing ONNX file."""
+    ckpt = load_checkpoint(checkpoint)
+    spec = get_spec(ckpt["model"])
+    module = model_from_checkpoint(ckpt)
+    example, checks = _check_batches(ckpt["examples"], dynamic_batch)
+    ds = ckpt["dataset"]
+    meta = build_metadata(task=spec.task, model=spec.name, labels=list(ds["labels"]),
+                          preprocessing=dict(ds["preprocessing"]), inputs=list(spec.contract.inputs),
+                          outputs=list(spec.contract.outputs), dynamic_axes=_axes(spec.contract, dynamic_batch),
+                          dataset=ds["name"], metrics=dict(ckpt.get("metrics", {})))
+    meta["model_args"] = ckpt["model_args"]
+    return export_module(module, example, out, contract=spec.contract, metadata=meta, check_inputs=checks,
+                         opset=opset, dynamic_batch=dynamic_batch, exporter=exporter or spec.contract.exporter,
+                         name=spec.name)
+
+
+def import_builder(target: str):
+    """Import ``package.module:function``; only ever called for a builder the user named."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"builder {target!r} must look like 'package.module:function'")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import module '{module_name}' for builder {target!r}: {exc}") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise InputError(f"'{module_name}' has no callable '{attr}' (builder {target!r})")
+    return fn
+
+
+def export_user_module(builder: str, out: str | Path, *, input_shape: Sequence[int], labels: Sequence[str],
+                       weights: str | Path | None = None, color: str | None = None,
+                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                       task: str = "classification", opset: int | None = None, dynamic_batch: bool = True,
+                       exporter: str = "dynamo", atol: float = 1e-4, rtol: float = 1e-3) -> ExportReport:
+    """Export a user's own ``nn.Module`` with the same checks and metadata as a registry model.
+
+    Args:
+        builder: ``package.module:function`` returning the module (called without arguments).
+        input_shape: ``(channels, height, width)`` of one input image.
+        labels: Class names in output order.
+        weights: A state dict saved with ``torch.save(model.state_dict(), ...)``.
+    """
+    if len(input_shape) != 3:
+        raise InputError(f"input shape must be C,H,W, got {list(input_shape)}")
+    c, h, w = (int(v) for v in input_shape)
+    module = import_builder(builder)()
+    if not isinstance(module, nn.Module):
+        raise InputError(f"builder {builder!r} returned a {type(module).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ModelFileError(f"weights file '{weights}' does not exist")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            module.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelFileError(f"cannot load weights '{weights}' into {builder}: {first}") from None
+    color = color or ("L" if c == 1 else "RGB")
+    preprocessing = {"color": color, "size": [h, w], "resize": "bilinear", "scale": 1 / 255,
+                     "mean": list(mean or [0.0] * c), "std": list(std or [1.0] * c), "layout": "NCHW"}
+    contract = OnnxContract(inputs={"image": {0: "batch"}}, outputs={"logits": {0: "batch"}}, atol=atol, rtol=rtol)
+    g = torch.Generator().manual_seed(0)
+    meta = build_metadata(task=task, model=builder, labels=list(labels), preprocessing=preprocessing,
+                          inputs=["image"], outputs=["logits"], dynamic_axes=_axes(contract, dynamic_batch))
+    example = (torch.randn(1 if not dynamic_batch else 2, c, h, w, generator=g),)
+    checks = [(torch.randn(1, c, h, w, generator=g),), (torch.randn(1 if not dynamic_batch else 5, c, h, w, generator=g),)]
+    return export_module(module, example, out, contract=contract, metadata=meta, check_inputs=checks, opset=opset,
+                         dynamic_batch=dynamic_batch, exporter=exporter, name=builder)

@@ -1,0 +1,260 @@
+"""fp16 and int8 variants of a dlpipe ONNX model, path in, path out (onnxruntime's ``quantize_static``
+style), configured by a small frozen :class:`QuantizationConfig`. Every result records what was done
+in its metadata and is checked against the fp32 model on real inputs (top-1 agreement)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from dlpipe.export.metadata import read_metadata, write_metadata
+from dlpipe.runtime.engine import Engine
+from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
+from dlpipe.runtime.formats import PRECISIONS, QUANTIZED
+from dlpipe.runtime.images import preprocess
+from dlpipe.runtime.metadata import ModelInfo
+
+METHODS = ("static", "dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Operators that lose too much in float16 or have no float16 kernel; kept in float32.
+FP16_BLOCK_LIST = ("Resize", "RoiAlign", "NonMaxSuppression", "TopK", "Softmax", "LogSoftmax", "Range", "Exp")
+
+
+class QuantizationError(DlpipeError):
+    """Quantization failed or its result disagrees with the fp32 model more than allowed."""
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """How to quantize (optimum's ``QuantizationConfig``).
+
+    Attributes:
+        precision: ``fp16`` or ``int8``.
+        method: int8 only: ``static`` (QDQ, calibrated activations) or ``dynamic`` (weights only).
+        per_channel: int8 only: per-channel weight scales.
+        calibration_method: int8 static: ``minmax``, ``entropy`` or ``percentile``.
+        calibration_size: Number of calibration images.
+        keep_fp32: Operator types kept in float32 (fp16) or not quantized (int8), on top of the defaults.
+        exclude_nodes: Node names left in float32.
+        min_agreement: Smallest accepted top-1 agreement with the fp32 model on the check images.
+    """
+
+    precision: str
+    method: str = "static"
+    per_channel: bool = True
+    calibration_method: str = "minmax"
+    calibration_size: int = 256
+    keep_fp32: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    min_agreement: float = 0.98
+
+    def __post_init__(self) -> None:
+        if self.precision not in QUANTIZED:
+            raise InputError(f"unknown precision {self.precision!r}; choose from {', '.join(QUANTIZED)}")
+        if self.method not in METHODS:
+            raise InputError(f"unknown int8 method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise InputError(f"unknown calibration method {self.calibration_method!r}; "
+                             f"choose from {', '.join(CALIBRATION_METHODS)}")
+        if self.calibration_size < 1:
+            raise InputError("calibration size must be at least 1")
+        if not 0 <= self.min_agreement <= 1:
+            raise InputError("min_agreement must be between 0 and 1")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.precision == "int8" and self.method == "static"
+
+
+@dataclass
+class QuantizeReport:
+    """What a quantization produced."""
+
+    path: str
+    precision: str
+    method: str | None
+    agreement: float
+    check_images: int
+    max_abs_diff: float
+    size_bytes: int
+    fp32_size_bytes: int
+    op_counts: dict[str, int] = field(default_factory=dict)
+    kept_fp32: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ArrayCalibrationReader:
+    """``CalibrationDataReader`` over a preprocessed float32 batch, fed a few images at a time."""
+
+    def __init__(self, input_name: str, data: np.ndarray, batch: int = 16):
+        self.input_name, self.data, self.batch, self.pos = input_name, data, batch, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pos >= len(self.data):
+            return None
+        chunk = self.data[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return {self.input_name: chunk}
+
+    def rewind(self) -> None:
+        self.pos = 0
+
+
+def load_images_for(info: ModelInfo, source: str | None, split: str, count: int, data_dir: str | None = None,
+                    offset: int = 0) -> np.ndarray:
+    """Real preprocessed model inputs for calibration or checks.
+
+    Args:
+        source: A dataset name, a folder of images, a ``.npy`` array of preprocessed inputs, or None
+            for the dataset the model was trained on.
+        split: Dataset split to read (``train`` for calibration, ``test`` for checks).
+    """
+    if source and Path(source).suffix == ".npy":
+        arr = np.load(source)
+        if arr.dtype != np.float32 or arr.ndim != 4:
+            raise InputError(f"'{source}' must hold a float32 NCHW array of preprocessed inputs, got "
+                             f"{arr.dtype} {list(arr.shape)}")
+        return arr[offset:offset + count]
+    if source and Path(source).is_dir():
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+        if not files:
+            raise InputError(f"calibration folder '{source}' holds no PNG/JPEG/BMP images")
+        return preprocess(files[offset:offset + count] or files[:count], info.preprocessing)
+    if source and ("/" in source or Path(source).suffix):
+        raise InputError(f"calibration source '{source}' does not exist")
+    dataset = source or info.raw.get("dataset")
+    if not dataset:
+        raise InputError("the model does not name its dataset; pass --calibration DATASET|FOLDER|FILE.npy")
+    from dlpipe.training.data import load_split  # torch-side; quantization is a build step
+
+    images, _ = load_split(dataset, split, data_dir, limit=offset + count)
+    return preprocess(list(images[offset:offset + count]), info.preprocessing)
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _to_fp16(src: Path, dst: Path, cfg: QuantizationConfig) -> list[str]:
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(src))
+    block = sorted(set(FP16_BLOCK_LIST) | set(cfg.keep_fp32))
+    fp16 = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=block,
+                                            node_block_list=list(cfg.exclude_nodes))
+    onnx.save(fp16, str(dst))
+    return [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in block or n.name in cfg.exclude_nodes]
+
+
+def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None,
+             input_name: str) -> list[str]:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = Path(tmp) / "prep.onnx"
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
+        model = onnx.load(str(prep))
+        excluded = [n.name for n in model.graph.node if n.op_type in cfg.keep_fp32 or n.name in cfg.exclude_nodes]
+        if cfg.method == "dynamic":
+            quantize_dynamic(str(prep), str(dst), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=excluded)
+        else:
+            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                      "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+            quantize_static(str(prep), str(dst), ArrayCalibrationReader(input_name, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method, nodes_to_exclude=excluded,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    return excluded
+
+
+def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig, *,
+             calibration: str | None = None, check: str | None = None, check_size: int = 512,
+             data_dir: str | None = None) -> QuantizeReport:
+    """Write the ``config.precision`` variant of a dlpipe fp32 ONNX model to ``out`` and check it.
+
+    Args:
+        calibration: Where calibration images come from (int8 static): dataset name, image folder or
+            ``.npy``; the model's own training dataset when None.
+        check: Where the agreement-check images come from; the test split of the model's dataset (or
+            the calibration source) when None.
+
+    Raises:
+        ModelFileError: not a dlpipe fp32 model. QuantizationError: agreement below ``min_agreement``.
+    """
+    start = time.perf_counter()
+    model_path, out = Path(model_path), Path(out)
+    fp32 = Engine(model_path, device="cpu")
+    if fp32.info is None:
+        raise ModelFileError(f"'{model_path}' has no dlpipe metadata; export it with 'dlpipe export' first")
+    if fp32.info.precision != "fp32":
+        raise ModelFileError(f"'{model_path}' is already a {fp32.info.precision} model; quantize the fp32 export")
+    input_name = fp32.input_names[0]
+    calib = None
+    if config.calibrated:
+        calib = load_images_for(fp32.info, calibration, "train", config.calibration_size, data_dir)
+    checks = load_images_for(fp32.info, check or calibration, "test", check_size, data_dir,
+                             offset=config.calibration_size if (check or calibration) and not check else 0)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".onnx.tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            if config.precision == "fp16":
+                kept = _to_fp16(model_path, tmp, config)
+            else:
+                kept = _to_int8(model_path, tmp, config, calib, input_name)
+        except DlpipeError:
+            raise
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise QuantizationError(f"{config.precision} quantization of '{model_path}' failed: {first}") from None
+        model = onnx.load(str(tmp))
+        doc = read_metadata(model) or {}
+        doc["precision"] = config.precision
+        doc["quantization"] = {k: v for k, v in asdict(config).items() if k != "min_agreement"}
+        doc["quantization"]["kept_fp32"] = kept
+        doc["quantization"]["source"] = model_path.name
+        if calib is not None:
+            doc["quantization"]["calibration"] = {"source": calibration or doc.get("dataset"), "images": len(calib)}
+        write_metadata(model, doc)
+        onnx.save(model, str(tmp))
+        ref = fp32.run({input_name: checks})[0]
+        got = Engine(tmp, device="cpu").run({input_name: checks})[0]
+        agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+        if agreement < config.min_agreement:
+            raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} of "
+                                    f"{len(checks)} check images (minimum {config.min_agreement:.0%}); "
+                                    "try --method, more calibration images or --keep-fp32 OP")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return QuantizeReport(path=str(out), precision=config.precision,
+                          method=config.method if config.precision == "int8" else None, agreement=agreement,
+                          check_images=len(checks), max_abs_diff=float(np.abs(ref - got).max()),
+                          size_bytes=out.stat().st_size, fp32_size_bytes=model_path.stat().st_size,
+                          op_counts=_op_counts(model), kept_fp32=kept, seconds=time.perf_counter() - start)
+
+
+def precisions() -> Sequence[str]:
+    """Precisions a model can be quantized to (from the one format table)."""
+    return [p for p in PRECISIONS if p != "fp32"]

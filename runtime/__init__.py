@@ -1,0 +1,18 @@
+"""dlpipe's inference runtime: onnxruntime, numpy and pillow only (no torch, torchvision or onnx).
+
+Example:
+    >>> from dlpipe.runtime import load
+    >>> clf = load("model.onnx")              # a Classifier, chosen from the file's metadata
+    >>> clf.predict("digit.png", top_k=3)[0].label
+"""
+
+from dlpipe.runtime.engine import Engine, available_devices
+from dlpipe.runtime.errors import (DataNotFoundError, DeviceUnavailableError, DlpipeError, InputError,
+                                   ModelFileError)
+from dlpipe.runtime.metadata import ModelInfo, read_metadata
+from dlpipe.runtime.predictors import Classification, Classifier, load
+
+__all__ = [
+    "Engine", "available_devices", "load", "Classifier", "Classification", "ModelInfo", "read_metadata",
+    "DlpipeError", "InputError", "ModelFileError", "DeviceUnavailableError", "DataNotFoundError",
+]

@@ -1,0 +1,145 @@
+"""The inference engine: one onnxruntime session, on the device that was asked for and can really run.
+
+``device="auto"`` takes CUDA only when a CUDA session is actually created (onnxruntime otherwise
+falls back to the CPU quietly, or loudly, by itself); ``device="cuda"`` that cannot run is an
+error, never a silent fallback. :attr:`Engine.providers` says what is really in use.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from dlpipe.runtime.errors import DeviceUnavailableError, InputError, ModelFileError
+from dlpipe.runtime.metadata import ModelInfo, info_from_session
+
+DEVICES = ("auto", "cpu", "cuda")
+GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
+_probe_lock = threading.Lock()
+
+
+def available_devices() -> list[str]:
+    """Devices this onnxruntime build was compiled for (``cuda`` may still fail to start; see Engine)."""
+    return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
+
+
+def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises several pybind exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"'{path}' is not a loadable ONNX model: {first}") from None
+
+
+class Engine:
+    """An onnxruntime session for one ONNX file.
+
+    Sessions are created once; :meth:`run` is safe to call from several threads at once.
+
+    Args:
+        path: ONNX file.
+        device: ``auto`` (CUDA when it really runs, else CPU), ``cpu`` or ``cuda``.
+        threads: Intra-op threads (onnxruntime's default, one per core, when None).
+        graph_optimization: ``disable``, ``basic``, ``extended`` or ``all``.
+
+    Raises:
+        ModelFileError: missing or unreadable file.
+        DeviceUnavailableError: ``cuda`` asked for but not usable here.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
+                 graph_optimization: str = "all"):
+        self.path = Path(path)
+        if device not in DEVICES:
+            raise InputError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+        if graph_optimization not in GRAPH_OPTIMIZATION:
+            raise InputError(f"unknown graph optimization level {graph_optimization!r}; "
+                             f"choose from {', '.join(GRAPH_OPTIMIZATION)}")
+        if not self.path.is_file():
+            raise ModelFileError(f"model file '{self.path}' does not exist")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = self._create(options, device)
+        self.providers: list[str] = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = self.session.get_inputs()
+        self.outputs = self.session.get_outputs()
+        self.input_names = [i.name for i in self.inputs]
+        self.output_names = [o.name for o in self.outputs]
+        self.info: ModelInfo | None = info_from_session(self.session, self.path)
+
+    def _create(self, options: ort.SessionOptions, device: str) -> ort.InferenceSession:
+        if device == "cpu" or "CUDAExecutionProvider" not in ort.get_available_providers():
+            if device == "cuda":
+                raise DeviceUnavailableError("device 'cuda' asked for, but this onnxruntime build has no CUDA "
+                                             "provider (install onnxruntime-gpu)")
+            return _session(self.path, options, _PROVIDERS["cpu"])
+        # Try CUDA with onnxruntime's logging silenced: a machine without a GPU or CUDA libraries
+        # otherwise prints a screen of errors before onnxruntime carries on with the CPU.
+        with _probe_lock:
+            options.log_severity_level = 4
+            ort.set_default_logger_severity(4)
+            try:
+                session = _session(self.path, options, _PROVIDERS["cuda"])
+            finally:
+                ort.set_default_logger_severity(2)
+                options.log_severity_level = 2
+        if session.get_providers()[0] == "CUDAExecutionProvider":
+            return session
+        if device == "cuda":
+            raise DeviceUnavailableError(f"device 'cuda' asked for, but onnxruntime could not start its CUDA "
+                                         f"provider for '{self.path}' (no GPU, driver or CUDA/cuDNN libraries); "
+                                         "use --device cpu or auto")
+        return session  # onnxruntime already placed it on the CPU provider alone
+
+    def input_dtype(self, index: int = 0) -> np.dtype:
+        """numpy dtype of an input."""
+        return np.dtype(_ORT_TYPES.get(self.inputs[index].type, np.float32))
+
+    def run(self, feeds: np.ndarray | Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Run the model.
+
+        Args:
+            feeds: One array for a single-input model, or ``{input name: array}``.
+            outputs: Output names to fetch (all when None).
+
+        Raises:
+            InputError: wrong input names, rank, fixed dimension or dtype.
+        """
+        if isinstance(feeds, np.ndarray):
+            if len(self.inputs) != 1:
+                raise InputError(f"'{self.path}' takes inputs {self.input_names}; pass a dict")
+            feeds = {self.input_names[0]: feeds}
+        self._check(feeds)
+        return self.session.run(list(outputs) if outputs else None, dict(feeds))
+
+    def _check(self, feeds: Mapping[str, np.ndarray]) -> None:
+        if set(feeds) != set(self.input_names):
+            raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(feeds)}")
+        for i, spec in enumerate(self.inputs):
+            arr = feeds[spec.name]
+            want = self.input_dtype(i)
+            if not isinstance(arr, np.ndarray) or arr.dtype != want:
+                got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
+                raise InputError(f"input '{spec.name}' of '{self.path}' must be a {want} array, got {got}")
+            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)):
+                raise InputError(f"input '{spec.name}' of '{self.path}' must have shape "
+                                 f"{[d if isinstance(d, int) else str(d) for d in spec.shape]}, got {list(arr.shape)}")
+
+    def __repr__(self) -> str:
+        return f"Engine('{self.path}', providers={self.providers})"

@@ -1,0 +1,102 @@
+"""Task predictors over an :class:`~dlpipe.runtime.engine.Engine`, chosen by :func:`load` from the
+model's metadata through one task table (``PREDICTORS``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from dlpipe.runtime.engine import Engine
+from dlpipe.runtime.errors import InputError, ModelFileError
+from dlpipe.runtime.images import ImageLike, preprocess, split_items
+from dlpipe.runtime.metadata import ModelInfo
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One image's result: best label, its class index and probability, and the top-k list."""
+
+    label: str
+    index: int
+    score: float
+    top_k: tuple[tuple[str, float], ...]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stable probabilities."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """Shared part of the task predictors: an engine and its metadata."""
+
+    task = ""
+
+    def __init__(self, engine: Engine):
+        if engine.info is None:
+            raise ModelFileError(f"'{engine.path}' has no dlpipe metadata; use dlpipe.runtime.Engine to run it raw")
+        self.engine = engine
+        self.info: ModelInfo = engine.info
+
+    @property
+    def path(self) -> Path:
+        return self.engine.path
+
+
+class Classifier(Predictor):
+    """Image classifier: images in, :class:`Classification` results out."""
+
+    task = "classification"
+
+    def logits(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> np.ndarray:
+        """Raw model outputs (N x classes) for the images, run ``batch_size`` at a time."""
+        items = split_items(images)
+        if not items:
+            raise InputError("no images given")
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        chunks = []
+        for start in range(0, len(items), batch_size):
+            part = items[start:start + batch_size]
+            batch = preprocess(part, self.info.preprocessing)
+            chunks.append(self.engine.run({self.engine.input_names[0]: batch})[0])
+        return np.concatenate(chunks)
+
+    def predict(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5,
+                batch_size: int = 64) -> list[Classification]:
+        """Classify images (paths, PIL images, HxW[xC] arrays, or an NxHxW[xC] batch).
+
+        Returns:
+            One :class:`Classification` per image, in order.
+        """
+        probs = softmax(self.logits(images, batch_size))
+        labels = self.info.labels or tuple(str(i) for i in range(probs.shape[1]))
+        k = max(1, min(top_k, probs.shape[1]))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [Classification(label=labels[row[0]], index=int(row[0]), score=float(p[row[0]]),
+                               top_k=tuple((labels[j], float(p[j])) for j in row)) for p, row in zip(probs, order)]
+
+
+PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier}
+
+
+def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Predictor:
+    """Open a dlpipe ONNX model and return the predictor for its task.
+
+    Raises:
+        ModelFileError: missing/corrupt file, no dlpipe metadata, or a task this version cannot serve.
+        DeviceUnavailableError: ``device='cuda'`` that cannot run here.
+    """
+    engine = Engine(path, device=device, threads=threads)
+    if engine.info is None:
+        raise ModelFileError(f"'{path}' has no dlpipe metadata (not written by 'dlpipe export'); "
+                             "run it raw with dlpipe.runtime.Engine")
+    cls = PREDICTORS.get(engine.info.task)
+    if cls is None:
+        raise ModelFileError(f"'{path}' is a {engine.info.task!r} model; this dlpipe serves {', '.join(PREDICTORS)}")
+    return cls(engine)

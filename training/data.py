@@ -1,0 +1,178 @@
+"""Datasets for training and evaluation: MNIST and Fashion-MNIST through torchvision, and the
+embedded shapes world. Each is declared once in :data:`DATASETS` with its channels, size,
+normalisation and labels, which travel with the model into its checkpoint and ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from dlpipe.runtime.errors import DataNotFoundError, InputError
+from dlpipe.training.shapes import KINDS, ShapesWorld
+
+SHAPES_SEED = 20240601
+SHAPES_TRAIN, SHAPES_TEST = 12_000, 2_000
+_SHAPES_TEST_START = 1_000_000  # test scenes are drawn far from the training indices
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One dataset: what its images look like and how to load a split.
+
+    Attributes:
+        name: ``--dataset`` value.
+        channels: 1 (grayscale) or 3 (RGB).
+        image_size: ``(height, width)``.
+        mean: Per-channel mean of pixel values scaled to [0, 1].
+        std: Per-channel standard deviation, same scale.
+        labels: Class names, index = class id.
+        loader: ``loader(split, root, download)`` -> ``(uint8 images NxHxW[xC], int64 labels)``.
+    """
+
+    name: str
+    channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    loader: Callable[[str, Path, bool], tuple[np.ndarray, np.ndarray]]
+
+    def preprocessing(self) -> dict:
+        """The preprocessing contract written into checkpoints and ONNX metadata."""
+        return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": "bilinear",
+                "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "layout": "NCHW"}
+
+
+def default_data_dir() -> Path:
+    """``$DLPIPE_DATA_DIR`` if set, else ``~/.cache/dlpipe/data``."""
+    env = os.environ.get("DLPIPE_DATA_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dlpipe" / "data"
+
+
+def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool], tuple[np.ndarray, np.ndarray]]:
+    def load(split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+        from torchvision import datasets
+
+        cls = getattr(datasets, cls_name)
+        raw = root / cls_name / "raw"
+        try:
+            ds = cls(str(root), train=(split == "train"), download=download)
+        except RuntimeError as exc:  # torchvision: "Dataset not found. You can use download=True ..."
+            hint = "pass --download to fetch it" if not download else "the download failed (no network?)"
+            raise DataNotFoundError(
+                f"{cls_name} {split} split not found: looked in '{raw}' for the idx files "
+                f"(train-images-idx3-ubyte, ...); put them there, point --data-dir or DLPIPE_DATA_DIR at the folder "
+                f"that holds '{cls_name}/raw', or {hint} ({exc})") from None
+        return ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+
+    return load
+
+
+def _shapes_loader(split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    del root, download  # generated, nothing on disk
+    world = ShapesWorld(seed=SHAPES_SEED, image_size=32)
+    if split == "train":
+        return world.classification_set(SHAPES_TRAIN)
+    return world.classification_set(SHAPES_TEST, start=_SHAPES_TEST_START)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    d.name: d for d in [
+        DatasetInfo("mnist", 1, (28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10)),
+                    _torchvision_loader("MNIST")),
+        DatasetInfo("fashion-mnist", 1, (28, 28), (0.2860,), (0.3530,),
+                    ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"), _torchvision_loader("FashionMNIST")),
+        DatasetInfo("shapes", 3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes_loader),
+    ]
+}
+
+
+def get_dataset(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` called ``name``."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise InputError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+def load_split(name: str, split: str, data_dir: str | Path | None = None, limit: int | None = None,
+               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Raw uint8 images and int64 labels of one split (``train`` or ``test``), the first ``limit`` if given.
+
+    Raises:
+        DataNotFoundError: when the files are missing, naming where they were looked for.
+    """
+    info = get_dataset(name)
+    images, labels = info.loader(split, Path(data_dir) if data_dir else default_data_dir(), download)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def to_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``NxHxW`` or ``NxHxWxC`` array -> uint8 ``NxCxHxW`` tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """uint8 NCHW -> float32 NCHW, scaled and normalised exactly as the runtime does it."""
+    mean = torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(info.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+AUGMENTATIONS = ("none", "shift", "affine", "crop")
+
+
+def augmentation(name: str, image_size: tuple[int, int]) -> v2.Transform | None:
+    """Per-image augmentation by name: random shift, shift+rotation+scale, or padded random crop."""
+    if name == "none":
+        return None
+    if name == "shift":
+        return v2.RandomAffine(degrees=0, translate=(0.1, 0.1))
+    if name == "affine":
+        return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    if name == "crop":
+        return v2.RandomCrop(image_size, padding=2)
+    raise InputError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
+
+
+class ImageTensorDataset(Dataset):
+    """In-memory uint8 images, normalised per batch; optional per-image torchvision v2 augmentation.
+
+    It implements ``__getitems__`` so a DataLoader fetches a whole batch in one call (no per-item
+    collation), which keeps the training loop close to a bare tensor loop.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
+                 transform: v2.Transform | None = None):
+        self.images, self.labels, self.info, self.transform = images, labels, info, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices)
+        batch = self.images[idx]
+        if self.transform is not None:
+            batch = torch.stack([self.transform(img) for img in batch])
+        return normalize(batch, self.info), self.labels[idx]
+
+
+def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for :class:`ImageTensorDataset`: the batch is already made."""
+    return batch

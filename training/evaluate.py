@@ -1,0 +1,90 @@
+"""Evaluation of exported models through the runtime, and benchmarks that put the runtime beside
+PyTorch eager on the same inputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
+from dlpipe.runtime.engine import Engine
+from dlpipe.runtime.errors import InputError, ModelFileError
+from dlpipe.runtime.predictors import Classifier, load
+from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
+from dlpipe.training.data import load_split
+
+
+def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "test", limit: int | None = None,
+                  data_dir: str | None = None, device: str = "auto", batch_size: int = 256) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of a classifier ONNX model on a dataset split,
+    run through the runtime's own preprocessing from raw images."""
+    predictor = load(model, device=device)
+    if not isinstance(predictor, Classifier):
+        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification")
+    info = predictor.info
+    dataset = dataset or info.raw.get("dataset")
+    if not dataset:
+        raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    images, labels = load_split(dataset, split, data_dir, limit)
+    if len(info.labels) and labels.max() >= len(info.labels):
+        raise InputError(f"dataset {dataset!r} has labels up to {labels.max()}, '{model}' knows {len(info.labels)} "
+                         "classes")
+    start = time.perf_counter()
+    pred = predictor.logits(images, batch_size=batch_size).argmax(1)
+    seconds = time.perf_counter() - start
+    n = max(len(info.labels), int(labels.max()) + 1)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, pred), 1)
+    support = confusion.sum(1)
+    per_class = {info.labels[i] if i < len(info.labels) else str(i): (float(confusion[i, i] / support[i])
+                 if support[i] else None) for i in range(n)}
+    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
+            "images": int(len(labels)), "accuracy": float((pred == labels).mean()), "per_class_accuracy": per_class,
+            "confusion": confusion.tolist(), "labels": list(info.labels), "seconds": seconds,
+            "providers": predictor.engine.providers}
+
+
+def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), checkpoint: str | Path | None = None,
+              warmup: int = 10, iters: int = 100, threads: int | None = None,
+              device: str = "cpu") -> list[LatencyStats]:
+    """Latency of each ONNX model (and PyTorch eager from ``checkpoint``) at each batch size, interleaved.
+
+    The ONNX runners call ``Engine.run`` (the runtime's path, input checks included) on the same
+    random inputs that PyTorch eager gets; ``threads`` applies to both.
+    """
+    if not models and checkpoint is None:
+        raise InputError("nothing to benchmark: give ONNX models and/or --vs-torch CHECKPOINT")
+    engines = {str(m): Engine(m, device=device, threads=threads) for m in models}
+    module = None
+    if checkpoint is not None:
+        if threads:
+            torch.set_num_threads(threads)
+        module = model_from_checkpoint(load_checkpoint(checkpoint))
+    results: list[LatencyStats] = []
+    for batch in batches:
+        runners = {}
+        reference = None
+        for name, engine in engines.items():
+            feeds = random_input(engine, batch)
+            reference = reference or feeds
+            runners[f"{Path(name).name} [{engine.info.precision if engine.info else 'onnx'}]"] = (
+                lambda e=engine, f=feeds: e.run(f))
+        if module is not None:
+            if reference is None:
+                ckpt = load_checkpoint(checkpoint)
+                c, (h, w) = ckpt["model_args"]["in_channels"], ckpt["model_args"]["image_size"]
+                x = torch.randn(batch, c, h, w)
+            else:
+                x = torch.from_numpy(next(iter(reference.values())))
+
+            def eager(m=module, x=x):
+                with torch.inference_mode():
+                    return m(x)
+
+            runners["pytorch eager [fp32]"] = eager
+        results.extend(measure_interleaved(runners, batch, warmup, iters).values())
+    return results

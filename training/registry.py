@@ -1,0 +1,127 @@
+"""The one model registry: every model is declared here once and every stage looks it up by name.
+
+Modelled on torchvision's ``models/_api.py``: a dict, a decorator that refuses duplicates,
+``list_models`` and ``get_spec``. A :class:`ModelSpec` carries what each stage needs: the
+keyword-only builder, the task, the default dataset and training recipe, and the ONNX contract
+(names, symbolic dynamic axes, opset, parity tolerance) that export and validation follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dlpipe.runtime.errors import DlpipeError
+
+
+class UnknownModelError(DlpipeError, KeyError):
+    """A model name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class OnnxContract:
+    """How a model is exported and what its exported graph promises (optimum's ``OnnxConfig``).
+
+    Attributes:
+        inputs: Input names, with their symbolic dynamic axes (axis index -> name).
+        outputs: Output names, with their symbolic dynamic axes.
+        opset: Default ONNX opset.
+        atol: Absolute tolerance of the parity check against PyTorch.
+        rtol: Relative tolerance of the parity check.
+        exporter: ``dynamo`` (torch.export based, the default) or ``torchscript``.
+    """
+
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+    opset: int = 18
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    exporter: str = "dynamo"
+
+    def example_inputs(self, model_args: dict[str, Any], batch: int, generator: torch.Generator | None = None):
+        """Random example inputs of the model's input shape for ``batch`` items (NCHW float)."""
+        c = model_args["in_channels"]
+        h, w = model_args["image_size"]
+        return (torch.randn(batch, c, h, w, generator=generator),)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Default hyper-parameters used by ``dlpipe train`` when the user does not override them."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    init: str = "he"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything every stage needs to know about one registered model.
+
+    Attributes:
+        name: Registry name (``dlpipe train NAME``).
+        task: Task key shared with the runtime's predictor table (``classification``...).
+        builder: Keyword-only function returning an ``nn.Module``.
+        default_dataset: Dataset used when none is given.
+        contract: The ONNX export contract.
+        recipe: Default training hyper-parameters.
+        description: One line for ``dlpipe models``.
+        defaults: Builder keyword arguments that are not derived from the dataset.
+    """
+
+    name: str
+    task: str
+    builder: Callable[..., nn.Module]
+    default_dataset: str
+    contract: OnnxContract
+    recipe: TrainRecipe = field(default_factory=TrainRecipe)
+    description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, **model_args: Any) -> nn.Module:
+        """Build the module from stored or fresh model arguments."""
+        return self.builder(**model_args)
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    """Add ``spec`` to the registry; a second model of the same name is a programming error."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"a model named {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_models(task: str | None = None) -> list[str]:
+    """Names of the registered models, optionally only those of one task."""
+    _load_builtin_models()
+    return sorted(n for n, s in _REGISTRY.items() if task is None or s.task == task)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` registered as ``name``.
+
+    Raises:
+        UnknownModelError: with the list of known names.
+    """
+    _load_builtin_models()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; registered models: {', '.join(list_models())}") from None
+
+
+def _load_builtin_models() -> None:
+    # Importing the model modules runs their registrations (once; Python caches the import).
+    from dlpipe.training import models  # noqa: F401

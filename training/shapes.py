@@ -1,0 +1,174 @@
+"""The synthetic "shapes world": deterministic scenes of coloured shapes, made on the fly.
+
+It is dlpipe's embedded default data (no files, no network). A :class:`Scene` is a plain
+description (background, and for each shape its kind, colour, centre, size and rotation) made from
+``(seed, index)`` alone, so any sample can be regenerated; :meth:`ShapesWorld.render` turns it into
+an RGB image and a per-pixel class mask, and every shape knows its bounding box. Classification
+uses one shape per scene labelled by its kind; segmentation, detection and captioning use the same
+scenes with several shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle", "diamond", "star", "cross")
+COLOURS = {
+    "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220), "yellow": (235, 205, 40),
+    "purple": (145, 60, 185), "orange": (240, 130, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+_SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape: kind, colour name, centre (x, y) and radius in pixels, rotation in degrees."""
+
+    kind: str
+    colour: str
+    center: tuple[float, float]
+    radius: float
+    rotation: float
+
+    @property
+    def label(self) -> int:
+        """Class index of the kind (0-based)."""
+        return KINDS.index(self.kind)
+
+    def polygon(self, scale: float = 1.0) -> list[tuple[float, float]]:
+        """Outline vertices in image coordinates (a 48-gon for circles)."""
+        cx, cy, r = self.center[0] * scale, self.center[1] * scale, self.radius * scale
+        if self.kind == "circle":
+            pts = [(math.cos(2 * math.pi * i / 48), math.sin(2 * math.pi * i / 48)) for i in range(48)]
+        elif self.kind == "square":
+            pts = [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)]
+        elif self.kind == "triangle":
+            pts = [(math.cos(a), math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        elif self.kind == "diamond":
+            pts = [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]
+        elif self.kind == "star":
+            pts = [((1.0 if i % 2 == 0 else 0.42) * math.cos(-math.pi / 2 + i * math.pi / 5),
+                    (1.0 if i % 2 == 0 else 0.42) * math.sin(-math.pi / 2 + i * math.pi / 5)) for i in range(10)]
+        elif self.kind == "cross":
+            a, b = 0.3, 0.9
+            pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a),
+                   (-a, -a)]
+        else:
+            raise ValueError(f"unknown shape kind {self.kind!r}")
+        t = math.radians(self.rotation)
+        c, s = math.cos(t), math.sin(t)
+        return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
+
+    def box(self) -> tuple[float, float, float, float]:
+        """Tight bounding box ``(x0, y0, x1, y1)`` of the outline."""
+        pts = self.polygon()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        return min(xs), min(ys), max(xs), max(ys)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A whole image: size, background style and colours, shapes back to front, noise level."""
+
+    size: tuple[int, int]
+    background: str
+    background_colours: tuple[tuple[int, int, int], tuple[int, int, int]]
+    shapes: tuple[Shape, ...]
+    noise: float
+    noise_seed: int
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+class ShapesWorld:
+    """Deterministic generator of shape scenes.
+
+    Args:
+        seed: Base seed; ``scene(i)`` depends only on ``(seed, i)``.
+        image_size: Output size ``(height, width)`` or one int.
+        shapes_per_scene: Inclusive range of the number of shapes.
+        radius: Inclusive range of shape radii as fractions of the shorter side.
+        kinds: The shape kinds to draw from.
+    """
+
+    def __init__(self, seed: int = 0, image_size: int | tuple[int, int] = 32, shapes_per_scene: tuple[int, int] = (1, 1),
+                 radius: tuple[float, float] = (0.22, 0.42), kinds: tuple[str, ...] = KINDS):
+        self.seed = seed
+        self.size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.shapes_per_scene = shapes_per_scene
+        self.radius = radius
+        self.kinds = kinds
+
+    def scene(self, index: int) -> Scene:
+        """The scene number ``index`` (the same every time)."""
+        rng = np.random.default_rng([self.seed, index])
+        h, w = self.size
+        shape_colour_names = list(COLOURS)
+        n = int(rng.integers(self.shapes_per_scene[0], self.shapes_per_scene[1] + 1))
+        shapes = []
+        for _ in range(n):
+            r = float(rng.uniform(*self.radius)) * min(h, w)
+            cx = float(rng.uniform(r * 0.8, w - r * 0.8))
+            cy = float(rng.uniform(r * 0.8, h - r * 0.8))
+            shapes.append(Shape(kind=self.kinds[int(rng.integers(len(self.kinds)))],
+                                colour=shape_colour_names[int(rng.integers(len(shape_colour_names)))],
+                                center=(cx, cy), radius=r, rotation=float(rng.uniform(-25, 25))))
+        # Background colours keep a luminance gap to every shape so the shapes stay visible.
+        lumas = [_luma(COLOURS[s.colour]) for s in shapes]
+        bg = []
+        while len(bg) < 2:
+            rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
+            if all(abs(_luma(rgb) - lu) > 60 for lu in lumas):
+                bg.append(rgb)
+        style = ("solid", "gradient", "stripes")[int(rng.integers(3))]
+        return Scene(size=(h, w), background=style, background_colours=(bg[0], bg[1]), shapes=tuple(shapes),
+                     noise=float(rng.uniform(0, 12)), noise_seed=int(rng.integers(2**31)))
+
+    def render(self, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+        """Draw ``scene``.
+
+        Returns:
+            ``(image, mask)``: an ``HxWx3`` uint8 RGB image and an ``HxW`` uint8 mask holding
+            ``1 + kind index`` where a shape is visible (later shapes cover earlier ones) and 0 elsewhere.
+        """
+        h, w = scene.size
+        s = _SUPERSAMPLE
+        c0, c1 = (np.array(c, dtype=np.float32) for c in scene.background_colours)
+        if scene.background == "solid":
+            bg = np.broadcast_to(c0, (h * s, w * s, 3))
+        elif scene.background == "gradient":
+            t = np.linspace(0, 1, w * s, dtype=np.float32)[None, :, None]
+            bg = np.broadcast_to(c0 * (1 - t) + c1 * t, (h * s, w * s, 3))
+        else:
+            stripes = ((np.arange(h * s)[:, None] + np.arange(w * s)[None, :]) // (3 * s)) % 2
+            bg = np.where(stripes[..., None] == 0, c0, c0 * 0.75 + c1 * 0.25)
+        canvas = Image.fromarray(np.ascontiguousarray(bg).astype(np.uint8), "RGB")
+        mask = Image.new("L", (w, h), 0)
+        draw, mdraw = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
+        for shape in scene.shapes:
+            draw.polygon(shape.polygon(scale=s), fill=COLOURS[shape.colour])
+            mdraw.polygon(shape.polygon(), fill=shape.label + 1)
+        image = np.asarray(canvas.resize((w, h), Image.Resampling.BOX), dtype=np.float32)
+        if scene.noise > 0:
+            image = image + np.random.default_rng(scene.noise_seed).normal(0, scene.noise, image.shape)
+        return np.clip(image, 0, 255).round().astype(np.uint8), np.asarray(mask, dtype=np.uint8)
+
+    def classification_set(self, count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` one-shape images with their kind labels, scenes ``start .. start+count-1``.
+
+        Returns:
+            ``(images, labels)``: ``Nx H x W x 3`` uint8 and ``N`` int64 (index into :data:`KINDS`).
+        """
+        images = np.empty((count, *self.size, 3), dtype=np.uint8)
+        labels = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            scene = self.scene(start + i)
+            images[i] = self.render(scene)[0]
+            labels[i] = scene.shapes[-1].label
+        return images, labels
