@@ -30,8 +30,13 @@ class LatencyStats:
 
 
 def measure_interleaved(runners: dict[str, Callable[[], object]], batch: int, warmup: int = 10, iters: int = 100,
-                        rounds: int = 5) -> dict[str, LatencyStats]:
-    """Time each runner ``iters`` times in total, in ``rounds`` alternating blocks, after ``warmup`` calls."""
+                        rounds: int = 5, pause_s: float = 0.05) -> dict[str, LatencyStats]:
+    """Time each runner ``iters`` times in total, in ``rounds`` alternating blocks, after ``warmup`` calls.
+
+    Between blocks the machine rests ``pause_s`` seconds: thread pools (onnxruntime's, OpenMP's
+    under torch) keep spinning for a while after their last call, and that spinning must not be
+    billed to the next runner on a machine with few cores.
+    """
     for fn in runners.values():
         for _ in range(warmup):
             fn()
@@ -39,6 +44,8 @@ def measure_interleaved(runners: dict[str, Callable[[], object]], batch: int, wa
     per_round = max(1, iters // rounds)
     for _ in range(rounds):
         for name, fn in runners.items():
+            time.sleep(pause_s)
+            fn()  # first call after the pause wakes the thread pool; not timed
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()

@@ -82,6 +82,10 @@ class Engine:
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.outputs]
         self.info: ModelInfo | None = info_from_session(self.session, self.path)
+        # What run() checks, worked out once: (name, dtype, rank, [(axis, fixed size), ...]).
+        self._contract = [(spec.name, self.input_dtype(i), len(spec.shape),
+                           [(a, d) for a, d in enumerate(spec.shape) if isinstance(d, int)])
+                          for i, spec in enumerate(self.inputs)]
 
     def _create(self, options: ort.SessionOptions, device: str) -> ort.InferenceSession:
         if device == "cpu" or "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -122,24 +126,24 @@ class Engine:
             InputError: wrong input names, rank, fixed dimension or dtype.
         """
         if isinstance(feeds, np.ndarray):
-            if len(self.inputs) != 1:
+            if len(self._contract) != 1:
                 raise InputError(f"'{self.path}' takes inputs {self.input_names}; pass a dict")
-            feeds = {self.input_names[0]: feeds}
-        self._check(feeds)
-        return self.session.run(list(outputs) if outputs else None, dict(feeds))
-
-    def _check(self, feeds: Mapping[str, np.ndarray]) -> None:
-        if set(feeds) != set(self.input_names):
+            feeds = {self._contract[0][0]: feeds}
+        elif len(feeds) != len(self._contract):
             raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(feeds)}")
-        for i, spec in enumerate(self.inputs):
-            arr = feeds[spec.name]
-            want = self.input_dtype(i)
-            if not isinstance(arr, np.ndarray) or arr.dtype != want:
+        for name, dtype, rank, fixed in self._contract:
+            arr = feeds.get(name)
+            if arr is None:
+                raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(feeds)}")
+            if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
                 got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InputError(f"input '{spec.name}' of '{self.path}' must be a {want} array, got {got}")
-            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)):
-                raise InputError(f"input '{spec.name}' of '{self.path}' must have shape "
-                                 f"{[d if isinstance(d, int) else str(d) for d in spec.shape]}, got {list(arr.shape)}")
+                raise InputError(f"input '{name}' of '{self.path}' must be a {dtype} array, got {got}")
+            shape = arr.shape
+            if len(shape) != rank or any(shape[a] != d for a, d in fixed):
+                want = [d if isinstance(d, int) else str(d) for d in self.session.get_inputs()[
+                    self.input_names.index(name)].shape]
+                raise InputError(f"input '{name}' of '{self.path}' must have shape {want}, got {list(shape)}")
+        return self.session.run(list(outputs) if outputs else None, feeds)
 
     def __repr__(self) -> str:
         return f"Engine('{self.path}', providers={self.providers})"

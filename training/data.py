@@ -34,7 +34,7 @@ class DatasetInfo:
         mean: Per-channel mean of pixel values scaled to [0, 1].
         std: Per-channel standard deviation, same scale.
         labels: Class names, index = class id.
-        loader: ``loader(split, root, download)`` -> ``(uint8 images NxHxW[xC], int64 labels)``.
+        loader: ``loader(split, root, download, limit)`` -> ``(uint8 images NxHxW[xC], int64 labels)``.
     """
 
     name: str
@@ -43,7 +43,7 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     labels: tuple[str, ...]
-    loader: Callable[[str, Path, bool], tuple[np.ndarray, np.ndarray]]
+    loader: Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]
 
     def preprocessing(self) -> dict:
         """The preprocessing contract written into checkpoints and ONNX metadata."""
@@ -57,8 +57,8 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dlpipe" / "data"
 
 
-def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool], tuple[np.ndarray, np.ndarray]]:
-    def load(split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]:
+    def load(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         from torchvision import datasets
 
         cls = getattr(datasets, cls_name)
@@ -71,17 +71,17 @@ def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool], tuple[np.n
                 f"{cls_name} {split} split not found: looked in '{raw}' for the idx files "
                 f"(train-images-idx3-ubyte, ...); put them there, point --data-dir or DLPIPE_DATA_DIR at the folder "
                 f"that holds '{cls_name}/raw', or {hint} ({exc})") from None
-        return ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+        return ds.data.numpy()[:limit], ds.targets.numpy().astype(np.int64)[:limit]
 
     return load
 
 
-def _shapes_loader(split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def _shapes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     del root, download  # generated, nothing on disk
     world = ShapesWorld(seed=SHAPES_SEED, image_size=32)
-    if split == "train":
-        return world.classification_set(SHAPES_TRAIN)
-    return world.classification_set(SHAPES_TEST, start=_SHAPES_TEST_START)
+    count = SHAPES_TRAIN if split == "train" else SHAPES_TEST
+    count = count if limit is None else min(limit, count)
+    return world.classification_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -112,10 +112,7 @@ def load_split(name: str, split: str, data_dir: str | Path | None = None, limit:
         DataNotFoundError: when the files are missing, naming where they were looked for.
     """
     info = get_dataset(name)
-    images, labels = info.loader(split, Path(data_dir) if data_dir else default_data_dir(), download)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    return images, labels
+    return info.loader(split, Path(data_dir) if data_dir else default_data_dir(), download, limit)
 
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:

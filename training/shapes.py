@@ -119,13 +119,12 @@ class ShapesWorld:
             shapes.append(Shape(kind=self.kinds[int(rng.integers(len(self.kinds)))],
                                 colour=shape_colour_names[int(rng.integers(len(shape_colour_names)))],
                                 center=(cx, cy), radius=r, rotation=float(rng.uniform(-25, 25))))
-        # Background colours keep a luminance gap to every shape so the shapes stay visible.
+        # Background colours keep a luminance gap to the shapes so they stay visible: the two best
+        # of 16 random candidates (with many shapes of many colours no colour clears them all).
         lumas = [_luma(COLOURS[s.colour]) for s in shapes]
-        bg = []
-        while len(bg) < 2:
-            rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
-            if all(abs(_luma(rgb) - lu) > 60 for lu in lumas):
-                bg.append(rgb)
+        candidates = [tuple(int(v) for v in rng.integers(0, 256, size=3)) for _ in range(16)]
+        candidates.sort(key=lambda rgb: -min(abs(_luma(rgb) - lu) for lu in lumas))
+        bg = candidates[:2]
         style = ("solid", "gradient", "stripes")[int(rng.integers(3))]
         return Scene(size=(h, w), background=style, background_colours=(bg[0], bg[1]), shapes=tuple(shapes),
                      noise=float(rng.uniform(0, 12)), noise_seed=int(rng.integers(2**31)))
@@ -158,6 +157,15 @@ class ShapesWorld:
         if scene.noise > 0:
             image = image + np.random.default_rng(scene.noise_seed).normal(0, scene.noise, image.shape)
         return np.clip(image, 0, 255).round().astype(np.uint8), np.asarray(mask, dtype=np.uint8)
+
+    def instance_mask(self, scene: Scene) -> np.ndarray:
+        """``HxW`` uint8 mask holding ``i + 1`` where shape ``i`` of the scene is visible, 0 elsewhere."""
+        h, w = scene.size
+        mask = Image.new("L", (w, h), 0)
+        draw = ImageDraw.Draw(mask)
+        for i, shape in enumerate(scene.shapes):
+            draw.polygon(shape.polygon(), fill=i + 1)
+        return np.asarray(mask, dtype=np.uint8)
 
     def classification_set(self, count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``count`` one-shape images with their kind labels, scenes ``start .. start+count-1``.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -274,14 +275,14 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         else:
             stale += 1
         bar.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
-                  f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{' *' if improved else ''}")
+                  f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{' *' if improved else ''}", file=sys.stderr)
         save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_acc": best_acc,
                          "history": history, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
                          "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state()},
                         out / "last.pt")
         if cfg.patience and stale >= cfg.patience:
-            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs")
+            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs", file=sys.stderr)
             break
     bar.close()
 

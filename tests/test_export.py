@@ -1,0 +1,178 @@
+"""ONNX export: parity with PyTorch for every registered model at two batch sizes, typed errors,
+self-describing metadata, users' own modules, atomic output."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dlpipe.export.onnx_export import ExportError, export_checkpoint, export_user_module
+from dlpipe.export.validate import OutputNamesMismatch, ShapeMismatch, ToleranceExceeded, validate_parity
+from dlpipe.runtime import Engine, load
+from dlpipe.runtime.errors import InputError, ModelFileError
+from dlpipe.training import data as datasets
+from dlpipe.training.checkpoint import save_checkpoint
+from dlpipe.training.registry import get_spec, list_models
+from dlpipe.training.train import init_weights
+
+# Every registered model needs an export case (see test_every_registered_model_has_an_export_case);
+# the dataset decides the input the model is built for and the real images it is checked on.
+EXPORT_CASES = {
+    "dmlp": "shapes",
+    "lenet5": "mnist",
+    "deep_convnet": "mnist",
+    "resnet_small": "shapes",
+}
+
+
+def test_every_registered_model_has_an_export_case():
+    missing = set(list_models()) - set(EXPORT_CASES)
+    assert not missing, f"registered models without an export test: {sorted(missing)}"
+
+
+def make_checkpoint(path: Path, model: str, dataset: str, data_dir: str | None) -> Path:
+    """A checkpoint of a freshly initialised model, with real example images from ``dataset``."""
+    info = datasets.get_dataset(dataset)
+    args = {"in_channels": info.channels, "image_size": list(info.image_size), "num_classes": len(info.labels)}
+    torch.manual_seed(0)
+    module = get_spec(model).build(**args)
+    init_weights(module, "he")
+    images, _ = datasets.load_split(dataset, "test", data_dir, limit=24)
+    examples = datasets.normalize(datasets.to_nchw(images), info)
+    return save_checkpoint({"model": model, "task": "classification", "model_args": args,
+                            "state_dict": module.state_dict(), "examples": examples, "metrics": {},
+                            "dataset": {"name": dataset, "labels": list(info.labels),
+                                        "preprocessing": info.preprocessing()}}, path)
+
+
+@pytest.fixture
+def mnist_root(request):
+    return request.getfixturevalue("data_dir")
+
+
+@pytest.mark.parametrize("model", sorted(EXPORT_CASES))
+def test_export_parity_at_two_batch_sizes(model, tmp_path, request):
+    dataset = EXPORT_CASES[model]
+    data_dir = request.getfixturevalue("data_dir") if dataset != "shapes" else None
+    ckpt = make_checkpoint(tmp_path / "m.pt", model, dataset, data_dir)
+    report = export_checkpoint(ckpt, tmp_path / "m.onnx")
+    # exported on a batch of 2, checked on 1 and 16 real images
+    assert sorted(p.batch for p in report.parity) == [1, 16]
+    atol = get_spec(model).contract.atol
+    assert all(p.max_abs <= atol for p in report.parity)
+    # the symbolic batch axis really is dynamic: a third batch size runs and matches PyTorch
+    x = torch.randn(5, *torch.load(ckpt, weights_only=True)["examples"].shape[1:])
+    from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
+    ref = model_from_checkpoint(load_checkpoint(ckpt))(x).detach().numpy()
+    got = Engine(tmp_path / "m.onnx", device="cpu").run(x.numpy())[0]
+    np.testing.assert_allclose(got, ref, atol=atol, rtol=1e-3)
+
+
+def test_metadata_is_self_describing_json(shapes_onnx):
+    model = onnx.load(shapes_onnx)
+    props = {p.key: p.value for p in model.metadata_props}
+    doc = json.loads(props["dlpipe"])
+    assert doc["task"] == "classification" and doc["model"] == "deep_convnet"
+    assert doc["labels"] == ["circle", "square", "triangle", "diamond", "star", "cross"]
+    assert doc["preprocessing"]["size"] == [32, 32] and doc["preprocessing"]["color"] == "RGB"
+    assert doc["precision"] == "fp32" and doc["dataset"] == "shapes"
+    assert {"torch", "onnx", "dlpipe"} <= set(doc["versions"])
+    graph_input = model.graph.input[0]
+    assert graph_input.name == "image"
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"
+    onnx.checker.check_model(model)
+
+
+def test_static_batch_export(mnist_checkpoint, tmp_path):
+    report = export_checkpoint(mnist_checkpoint, tmp_path / "static.onnx", dynamic_batch=False)
+    engine = Engine(tmp_path / "static.onnx", device="cpu")
+    assert engine.inputs[0].shape == [1, 1, 28, 28]
+    assert report.dynamic_axes == {}
+
+
+def test_torchscript_exporter_also_works(mnist_checkpoint, tmp_path):
+    report = export_checkpoint(mnist_checkpoint, tmp_path / "ts.onnx", exporter="torchscript")
+    assert report.exporter == "torchscript" and len(report.parity) == 2
+
+
+def _model(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "m.pt", "dmlp", "shapes", None)
+    export_checkpoint(ckpt, tmp_path / "m.onnx")
+    from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
+    c = load_checkpoint(ckpt)
+    return tmp_path / "m.onnx", model_from_checkpoint(c), c["examples"]
+
+
+def test_parity_errors_are_typed(tmp_path):
+    path, module, examples = _model(tmp_path)
+    inputs = [(examples[:1],), (examples[1:4],)]
+    with pytest.raises(OutputNamesMismatch):
+        validate_parity(path, module, inputs, ["scores"], 1e-4, 1e-3)
+    perturbed = type(module)(3 * 32 * 32, (512, 256, 128), 6, 0.2, False)
+    perturbed.load_state_dict({k: v + 0.01 for k, v in module.state_dict().items()})
+    with pytest.raises(ToleranceExceeded, match="differs from PyTorch"):
+        validate_parity(path, perturbed.eval(), inputs, ["logits"], 1e-4, 1e-3)
+
+    class Wider(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 7)
+
+    with pytest.raises(ShapeMismatch):
+        validate_parity(path, Wider(), inputs, ["logits"], 1e-4, 1e-3)
+
+
+def test_users_own_module(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(4, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_models", None)
+    import my_models
+
+    torch.manual_seed(1)
+    torch.save(my_models.tiny().state_dict(), tmp_path / "w.pt")
+    report = export_user_module("my_models:tiny", tmp_path / "user.onnx", input_shape=[3, 20, 24],
+                                labels=["cat", "dog"], weights=tmp_path / "w.pt")
+    assert len(report.parity) == 2
+    clf = load(tmp_path / "user.onnx")
+    assert clf.info.labels == ("cat", "dog")
+    assert clf.predict(np.zeros((50, 60, 3), np.uint8))[0].label in ("cat", "dog")
+    with pytest.raises(InputError, match="cannot import module"):
+        export_user_module("no_such_module:fn", tmp_path / "x.onnx", input_shape=[3, 8, 8], labels=["a"])
+    with pytest.raises(ModelFileError, match="cannot load weights"):
+        torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pt")
+        export_user_module("my_models:tiny", tmp_path / "x.onnx", input_shape=[3, 8, 8], labels=["a", "b"],
+                           weights=tmp_path / "bad.pt")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    import dlpipe.export.onnx_export as ox
+    from dlpipe.training.registry import OnnxContract
+
+    contract = OnnxContract(inputs={"image": {0: "batch"}}, outputs={"logits": {0: "batch"}})
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ExportError, match="exporting Broken to .*out.onnx' failed"):
+        ox.export_module(Broken(), (x,), tmp_path / "out.onnx", contract=contract, metadata={}, check_inputs=[(x,)])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="not a readable PyTorch checkpoint"):
+        export_checkpoint(bad, tmp_path / "out.onnx")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ModelFileError, match="not a dlpipe checkpoint"):
+        export_checkpoint(tmp_path / "plain.pt", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

@@ -1,0 +1,199 @@
+"""The torch-free runtime: engine and providers, predictors on every kind of input, and bad inputs."""
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from dlpipe.runtime import Classifier, DeviceUnavailableError, Engine, InputError, ModelFileError, load
+from dlpipe.runtime.benchmark import measure_interleaved, random_input
+from dlpipe.training.data import load_split
+
+
+def test_runtime_never_imports_torch_torchvision_or_onnx(shapes_onnx, tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (50, 40), (200, 30, 30)).save(image)
+    code = f"""
+import sys, json
+from dlpipe.runtime import load
+from dlpipe.runtime.benchmark import measure_interleaved
+clf = load({shapes_onnx!r})
+res = clf.predict([{str(image)!r}])
+print(json.dumps({{"label": res[0].label, "loaded": [m for m in ("torch", "torchvision", "onnx") if m in sys.modules]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    assert result["label"] in ("circle", "square", "triangle", "diamond", "star", "cross")
+
+
+def test_engine_reports_the_providers_in_use(shapes_onnx):
+    engine = Engine(shapes_onnx, device="cpu")
+    assert engine.providers == ["CPUExecutionProvider"] and engine.device == "cpu"
+    auto = Engine(shapes_onnx, device="auto")
+    assert auto.device in ("cpu", "cuda") and auto.providers[0] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+def test_cuda_that_cannot_run_is_an_error_not_a_fallback(shapes_onnx, capfd):
+    auto = Engine(shapes_onnx, device="auto")
+    if auto.device == "cuda":
+        pytest.skip("this machine really has a usable CUDA provider")
+    with pytest.raises(DeviceUnavailableError, match="cuda"):
+        Engine(shapes_onnx, device="cuda")
+    err = capfd.readouterr().err
+    assert "Failed to load" not in err and "EP Error" not in err  # no onnxruntime error spam
+
+
+def test_session_options(shapes_onnx):
+    e = Engine(shapes_onnx, device="cpu", threads=1, graph_optimization="basic")
+    assert e.run(random_input(e, 2))[0].shape == (2, 6)
+    with pytest.raises(InputError, match="graph optimization"):
+        Engine(shapes_onnx, graph_optimization="max")
+    with pytest.raises(InputError, match="unknown device"):
+        Engine(shapes_onnx, device="tpu")
+
+
+def test_load_returns_a_classifier_with_metadata(shapes_onnx):
+    clf = load(shapes_onnx)
+    assert isinstance(clf, Classifier) and clf.info.preprocessing.size == (32, 32)
+    assert clf.info.labels[0] == "circle"
+
+
+def test_predict_accepts_paths_pil_and_arrays_of_any_size_and_mode(shapes_onnx, tmp_path):
+    clf = load(shapes_onnx)
+    rgb = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    paths = []
+    for mode, ext in [("RGB", "png"), ("L", "jpg"), ("RGBA", "png"), ("P", "png")]:
+        p = tmp_path / f"img_{mode}.{ext}"
+        Image.fromarray(rgb).convert(mode).save(p)
+        paths.append(p)
+    items = [*paths, str(paths[0]), Image.fromarray(rgb), rgb, rgb[..., 0], rgb.astype(np.float32) / 255]
+    results = clf.predict(items, top_k=3)
+    assert len(results) == len(items)
+    for r in results:
+        assert len(r.top_k) == 3 and r.top_k[0][0] == r.label
+        assert 0 < r.score <= 1 and r.top_k[0][1] >= r.top_k[1][1] >= r.top_k[2][1]
+    # the same picture as a file and as a PIL image gives the same answer
+    assert results[0].top_k == results[5].top_k
+
+
+def test_batched_predict_equals_one_by_one(shapes_onnx):
+    images, _ = load_split("shapes", "test", limit=10)
+    clf = load(shapes_onnx)
+    batch = clf.logits(images, batch_size=4)
+    single = np.concatenate([clf.logits(img) for img in images])
+    np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
+
+
+def test_predict_from_several_threads(shapes_onnx):
+    images, _ = load_split("shapes", "test", limit=32)
+    clf = load(shapes_onnx)
+    expected = clf.logits(images)
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = clf.logits(images[i::4])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        np.testing.assert_allclose(results[i], expected[i::4], rtol=1e-5, atol=1e-5)
+
+
+def test_mnist_accuracy_through_the_runtime(mnist_onnx, data_dir):
+    images, labels = load_split("mnist", "test", data_dir, limit=500)
+    pred = np.array([r.index for r in load(mnist_onnx).predict(images)])
+    assert (pred == labels).mean() > 0.85
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: d / "missing.png", "does not exist"),
+    (lambda d: (d / "notes.png").write_text("hello") and d / "notes.png", "not an image file"),
+    (lambda d: d, "is a folder"),
+])
+def test_bad_image_files(shapes_onnx, tmp_path, make, match):
+    with pytest.raises(InputError, match=match):
+        load(shapes_onnx).predict([make(tmp_path)])
+
+
+def test_truncated_image(shapes_onnx, tmp_path):
+    p = tmp_path / "cut.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+    p.write_bytes(p.read_bytes()[:300])
+    with pytest.raises(InputError, match=r"cut.png' is a truncated or damaged image"):
+        load(shapes_onnx).predict(p)
+
+
+@pytest.mark.parametrize("array,match", [
+    (np.zeros((4, 4, 4, 4, 4), np.uint8), "image arrays must be"),
+    (np.zeros((10, 10, 2), np.uint8), "image arrays must be"),
+    (np.zeros((10, 10), np.complex64), "must be uint8"),
+    (np.full((10, 10), np.nan, np.float32), "NaN"),
+])
+def test_bad_arrays(shapes_onnx, array, match):
+    with pytest.raises(InputError, match=match):
+        load(shapes_onnx).predict([array])
+
+
+def test_engine_checks_raw_inputs(shapes_onnx):
+    e = Engine(shapes_onnx, device="cpu")
+    with pytest.raises(InputError, match="must be a float32 array"):
+        e.run(np.zeros((1, 3, 32, 32), np.float64))
+    with pytest.raises(InputError, match=r"must have shape \['batch', 3, 32, 32\]"):
+        e.run(np.zeros((1, 3, 28, 28), np.float32))
+    with pytest.raises(InputError, match="expects inputs"):
+        e.run({"x": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+def test_onnx_without_dlpipe_metadata_runs_raw_but_does_not_load(shapes_onnx, tmp_path):
+    model = onnx.load(shapes_onnx)
+    del model.metadata_props[:]
+    plain = tmp_path / "plain.onnx"
+    onnx.save(model, plain)
+    with pytest.raises(ModelFileError, match="no dlpipe metadata"):
+        load(plain)
+    engine = Engine(plain, device="cpu")
+    assert engine.info is None
+    assert engine.run(np.zeros((2, 3, 32, 32), np.float32))[0].shape == (2, 6)
+
+
+def test_corrupt_and_missing_model_files(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelFileError, match="not a loadable ONNX model"):
+        load(bad)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load(tmp_path / "nope.onnx")
+
+
+def test_malformed_metadata_is_a_clear_error(shapes_onnx, tmp_path):
+    model = onnx.load(shapes_onnx)
+    for p in model.metadata_props:
+        if p.key == "dlpipe":
+            p.value = "__import__('os').system('echo pwned')"
+    evil = tmp_path / "evil.onnx"
+    onnx.save(model, evil)
+    with pytest.raises(ModelFileError, match="malformed dlpipe metadata"):
+        load(evil)
+
+
+def test_measure_interleaved_reports_percentiles():
+    stats = measure_interleaved({"a": lambda: sum(range(100)), "b": lambda: sum(range(1000))}, batch=4,
+                                warmup=2, iters=20)
+    assert set(stats) == {"a", "b"}
+    for s in stats.values():
+        assert s.iters == 20 and 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
+        assert s.throughput == pytest.approx(4 / (s.p50_ms / 1000))
