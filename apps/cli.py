@@ -257,10 +257,11 @@ def classify_cmd(model, images, top_k, device, as_json) -> None:
 
 @cli.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--dataset", default="shapes", show_default=True,
-              help="shapes (embedded, no files) or mnist/fashion-mnist when the data root has them.")
+@click.option("--dataset", default=None,
+              help="shapes (embedded, no files) or mnist/fashion-mnist. Default: mnist when --data-dir holds it, "
+                   "else shapes.")
 @click.option("--model", default="lenet5", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Default: 4 on shapes, 2 on MNIST.")
+@click.option("--epochs", type=int, default=None, help="Default: 8 on shapes, 2 on MNIST.")
 @click.option("--quick", is_flag=True, help="A tiny run (seconds) that still goes through every stage.")
 @DATA_DIR
 @JSON
@@ -268,6 +269,8 @@ def demo_cmd(out, dataset, model, epochs, quick, data_dir, as_json) -> None:
     """The whole pipeline in one command: train, export, quantize, evaluate, bench, classify."""
     from dlpipe.apps.demo import run_demo
 
+    if dataset is None:
+        dataset = "mnist" if data_dir and (Path(data_dir) / "MNIST" / "raw").is_dir() else "shapes"
     summary = run_demo(out=out, dataset=dataset, model=model, epochs=epochs, quick=quick, data_dir=data_dir)
     rows = [[v["variant"], f"{v['size_kib']:.0f}", f"{100 * v['accuracy']:.2f}%", v["agreement"], v["p50_ms_b1"],
              f"{v['throughput_b64']:.0f}"] for v in summary["variants"]]

@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="fp32 model; its .int8.onnx variant is used beside it")
     p.add_argument("--iters", type=int, default=400)
+    p.add_argument("--repeats", type=int, default=3, help="whole comparisons; ratios are medians over them")
     p.add_argument("--threads", type=int, default=None, help="for both torch and onnxruntime (default: all cores)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", default=None)
@@ -58,42 +59,58 @@ def main() -> None:
         return run
 
     session = fp32.session
-    b1 = measure_interleaved({
+    b1_runners = {
         "pytorch eager fp32": eager(x1),
         "session.run fp32 (bare onnxruntime)": lambda: session.run(None, {name: x1}),
         "Engine.run fp32 (dlpipe runtime)": lambda: fp32.run({name: x1}),
         "Classifier.predict fp32 (uint8 image in, labels out)": lambda: classifier.predict(images[0]),
         "Engine.run int8": lambda: int8.run({name: x1}),
-    }, batch=1, warmup=50, iters=args.iters, rounds=10)
-    b64 = measure_interleaved({
+    }
+    b64_runners = {
         "pytorch eager fp32": eager(x64),
         "Engine.run fp32 (dlpipe runtime)": lambda: fp32.run({name: x64}),
         "Engine.run int8": lambda: int8.run({name: x64}),
-    }, batch=64, warmup=10, iters=max(50, args.iters // 4), rounds=10)
+    }
     assert np.allclose(fp32.run({name: x64})[0], module(torch.from_numpy(x64)).detach().numpy(), atol=1e-3)
 
-    ratios = {
-        "onnx_fp32_vs_eager_b1": b1["pytorch eager fp32"].p50_ms / b1["Engine.run fp32 (dlpipe runtime)"].p50_ms,
-        "int8_vs_fp32_b64": b64["Engine.run fp32 (dlpipe runtime)"].p50_ms / b64["Engine.run int8"].p50_ms,
-        "runtime_overhead_b1": b1["Engine.run fp32 (dlpipe runtime)"].p50_ms
-        / b1["session.run fp32 (bare onnxruntime)"].p50_ms - 1,
-        "classifier_overhead_b1": b1["Classifier.predict fp32 (uint8 image in, labels out)"].p50_ms
-        / b1["session.run fp32 (bare onnxruntime)"].p50_ms - 1,
-        "onnx_fp32_vs_eager_b64": b64["pytorch eager fp32"].p50_ms / b64["Engine.run fp32 (dlpipe runtime)"].p50_ms,
-        "int8_vs_fp32_b1": b1["Engine.run fp32 (dlpipe runtime)"].p50_ms / b1["Engine.run int8"].p50_ms,
-    }
+    def ratios_of(b1, b64):
+        return {
+            "onnx_fp32_vs_eager_b1": b1["pytorch eager fp32"].p50_ms / b1["Engine.run fp32 (dlpipe runtime)"].p50_ms,
+            "int8_vs_fp32_b64": b64["Engine.run fp32 (dlpipe runtime)"].p50_ms / b64["Engine.run int8"].p50_ms,
+            "runtime_overhead_b1": b1["Engine.run fp32 (dlpipe runtime)"].p50_ms
+            / b1["session.run fp32 (bare onnxruntime)"].p50_ms - 1,
+            "classifier_overhead_b1": b1["Classifier.predict fp32 (uint8 image in, labels out)"].p50_ms
+            / b1["session.run fp32 (bare onnxruntime)"].p50_ms - 1,
+            "onnx_fp32_vs_eager_b64": b64["pytorch eager fp32"].p50_ms / b64["Engine.run fp32 (dlpipe runtime)"].p50_ms,
+            "int8_vs_fp32_b1": b1["Engine.run fp32 (dlpipe runtime)"].p50_ms / b1["Engine.run int8"].p50_ms,
+        }
+
+    repeats = []
+    for _ in range(args.repeats):
+        b1 = measure_interleaved(b1_runners, batch=1, warmup=50, iters=args.iters, rounds=10)
+        b64 = measure_interleaved(b64_runners, batch=64, warmup=10, iters=max(50, args.iters // 4), rounds=10)
+        repeats.append({"b1": b1, "b64": b64, "ratios": ratios_of(b1, b64)})
+    ratios = {k: float(np.median([r["ratios"][k] for r in repeats])) for k in repeats[0]["ratios"]}
+    spread = {k: [round(min(r["ratios"][k] for r in repeats), 3), round(max(r["ratios"][k] for r in repeats), 3)]
+              for k in ratios}
+    middle = sorted(repeats, key=lambda r: r["ratios"]["int8_vs_fp32_b64"])[len(repeats) // 2]
+    b1, b64 = middle["b1"], middle["b64"]
     targets = {"onnx fp32 >= 3x eager at batch 1": ratios["onnx_fp32_vs_eager_b1"] >= 3,
                "int8 >= 1.5x fp32 at batch 64": ratios["int8_vs_fp32_b64"] >= 1.5,
                "runtime overhead < 10% at batch 1": ratios["runtime_overhead_b1"] < 0.10}
+    print(f"latencies of the repeat with the median int8/fp32 ratio (of {args.repeats}):")
     rows = [[s.name, s.batch, f"{s.p50_ms:.3f}", f"{s.p90_ms:.3f}", f"{s.p99_ms:.3f}", f"{s.throughput:.0f}"]
             for s in [*b1.values(), *b64.values()]]
     print(table(rows, ["runner", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"]))
-    print(table([[k, f"{v:.3f}"] for k, v in ratios.items()], ["ratio", "value"]))
+    print(table([[k, f"{v:.3f}", f"{spread[k][0]:.3f} - {spread[k][1]:.3f}"] for k, v in ratios.items()],
+                ["ratio", f"median of {args.repeats}", "range"]))
     for t, ok in targets.items():
         print(f"{'PASS' if ok else 'FAIL'}  {t}")
     path = write_result("latency", {"model": args.onnx, "threads": args.threads,
                                     "stats": [s.as_dict() for s in [*b1.values(), *b64.values()]],
-                                    "ratios": ratios, "targets": targets}, args.json)
+                                    "ratios": ratios, "ratio_range": spread, "repeats": args.repeats,
+                                    "per_repeat_ratios": [r["ratios"] for r in repeats], "targets": targets},
+                        args.json)
     print(f"wrote {path}")
 
 

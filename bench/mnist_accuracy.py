@@ -44,6 +44,11 @@ def main() -> None:
         result = train(TrainConfig(**{**RECIPE, "epochs": args.epochs}, out=str(out / "train"), data_dir=args.data_dir))
         ckpt = result["best"]
         training = {k: result[k] for k in ("best_val_acc", "test_acc")} | {"epochs": len(result["history"])}
+    else:
+        from dlpipe.training.checkpoint import load_checkpoint
+
+        stored = load_checkpoint(ckpt)
+        training = {"config": stored["config"], "metrics": stored["metrics"], "epoch": stored["epoch"]}
     fp32 = out / "deep_convnet.onnx"
     export_checkpoint(ckpt, fp32)
     paths = {"fp32": fp32}

@@ -181,7 +181,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
     seconds = time.perf_counter() - start
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "samples_per_s": seen / seconds if seconds > 0 else math.nan}
+            "samples_per_s": seen / seconds if seconds > 0 else math.nan, "seconds": seconds}
 
 
 @torch.no_grad()
