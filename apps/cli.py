@@ -151,7 +151,8 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
 
 @cli.command("quantize")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--to", "precision", type=click.Choice(list(QUANTIZED)), required=True)
+@click.option("--to", "precision", type=click.Choice(list(QUANTIZED)), required=True,
+              help="; ".join(f"{p}: {PRECISIONS[p].description}" for p in QUANTIZED))
 @click.option("--method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
               help="int8: static QDQ (calibrated) or dynamic.")
 @click.option("--calibration", default=None,

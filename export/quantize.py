@@ -10,7 +10,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ import onnx
 from dlpipe.export.metadata import read_metadata, write_metadata
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
-from dlpipe.runtime.formats import PRECISIONS, QUANTIZED
+from dlpipe.runtime.formats import QUANTIZED
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import ModelInfo
 
@@ -268,7 +268,3 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
                           size_bytes=out.stat().st_size, fp32_size_bytes=model_path.stat().st_size,
                           op_counts=_op_counts(model), kept_fp32=kept, seconds=time.perf_counter() - start)
 
-
-def precisions() -> Sequence[str]:
-    """Precisions a model can be quantized to (from the one format table)."""
-    return [p for p in PRECISIONS if p != "fp32"]

@@ -30,7 +30,3 @@ class DeviceUnavailableError(DlpipeError):
 class DataNotFoundError(DlpipeError):
     """A dataset that is not on disk and cannot be downloaded."""
 
-
-def describe(path: object) -> str:
-    """How a path is quoted in messages."""
-    return f"'{path}'"

@@ -9,18 +9,17 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Precision:
-    """One storage precision: name, output-file suffix, whether it needs calibration data, and a line of help."""
+    """One storage precision: name, output-file suffix and a line of help."""
 
     name: str
     suffix: str
-    calibrated: bool
     description: str
 
 
 PRECISIONS: dict[str, Precision] = {p.name: p for p in [
-    Precision("fp32", "", False, "float32, as exported from PyTorch"),
-    Precision("fp16", ".fp16", False, "float16 weights and activations (onnxconverter-common), float32 inputs/outputs"),
-    Precision("int8", ".int8", True, "int8 (onnxruntime.quantization): static QDQ per-channel, or dynamic"),
+    Precision("fp32", "", "float32, as exported from PyTorch"),
+    Precision("fp16", ".fp16", "float16 weights and activations (onnxconverter-common), float32 inputs/outputs"),
+    Precision("int8", ".int8", "int8 (onnxruntime.quantization): static QDQ per-channel, or dynamic"),
 ]}
 QUANTIZED = tuple(name for name in PRECISIONS if name != "fp32")
 

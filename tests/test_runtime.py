@@ -4,14 +4,14 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
 
-from dlpipe.runtime import Classifier, DeviceUnavailableError, Engine, InputError, ModelFileError, load
+from dlpipe.runtime import (Classifier, DeviceUnavailableError, Engine, InputError, ModelFileError, load,
+                            read_metadata)
 from dlpipe.runtime.benchmark import measure_interleaved, random_input
 from dlpipe.training.data import load_split
 
@@ -165,6 +165,9 @@ def test_onnx_without_dlpipe_metadata_runs_raw_but_does_not_load(shapes_onnx, tm
     onnx.save(model, plain)
     with pytest.raises(ModelFileError, match="no dlpipe metadata"):
         load(plain)
+    with pytest.raises(ModelFileError, match="no dlpipe metadata"):
+        read_metadata(plain)
+    assert read_metadata(shapes_onnx).task == "classification"
     engine = Engine(plain, device="cpu")
     assert engine.info is None
     assert engine.run(np.zeros((2, 3, 32, 32), np.float32))[0].shape == (2, 6)

@@ -8,11 +8,10 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -296,16 +295,3 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path),
             "best_val_acc": best_acc, "test_acc": test["acc"], "history": history}
 
-
-def config_field_docs() -> dict[str, str]:
-    """Field name -> one-line help, read from the attribute docstrings (for the CLI)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(TrainConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    return {f.name: docs.get(f.name, "") for f in fields(TrainConfig)}
