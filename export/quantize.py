@@ -223,8 +223,11 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
     calib = None
     if config.calibrated:
         calib = load_images_for(fp32.info, calibration, "train", config.calibration_size, data_dir)
+    # Check on images calibration did not see: the test split of a dataset, or the rest of a
+    # calibration folder / array (all of it when it holds no more than the calibration images).
+    own_files = check is None and calibration is not None and Path(calibration).exists()
     checks = load_images_for(fp32.info, check or calibration, "test", check_size, data_dir,
-                             offset=config.calibration_size if (check or calibration) and not check else 0)
+                             offset=config.calibration_size if own_files else 0)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".onnx.tmp", dir=out.parent)
