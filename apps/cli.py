@@ -200,8 +200,9 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
     from dlpipe.training.evaluate import evaluate_onnx
 
     reports = [evaluate_onnx(m, dataset, split, limit, data_dir, device) for m in models]
-    rows = [[r["model"], r["precision"], r["dataset"], r["images"], f"{100 * r['accuracy']:.2f}%"] for r in reports]
-    human = table(rows, ["model", "precision", "dataset", "images", "accuracy"])
+    rows = [[r["model"], r["precision"], r["dataset"], r["images"], f"{100 * r['accuracy']:.2f}%",
+             f"{r['miou']:.4f}" if "miou" in r else None] for r in reports]
+    human = table(rows, ["model", "precision", "dataset", "images", "accuracy (pixel acc.)", "mean IoU"])
     if confusion:
         for r in reports:
             labels = [lbl[:6] for lbl in r["labels"]] or [str(i) for i in range(len(r["confusion"]))]
@@ -254,6 +255,22 @@ def classify_cmd(model, images, top_k, device, as_json) -> None:
     rows = [[img, r.label, f"{r.score:.3f}", ", ".join(f"{l} {s:.3f}" for l, s in r.top_k[1:])]
             for img, r in zip(images, results)]
     emit(data, as_json, table(rows, ["image", "label", "prob", "next best"]))
+
+
+@cli.command("segment")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNG outputs.")
+@DEVICE
+@JSON
+def segment_cmd(model, images, out, device, as_json) -> None:
+    """Segment IMAGES: write IMAGE_overlay.png and IMAGE_mask.png (class ids) to --out."""
+    from dlpipe.apps.segment import segment_images
+
+    results = segment_images(model, list(images), out, device=device)
+    labels = list(results[0]["shares"]) if results else []
+    rows = [[Path(r["image"]).name, *(f"{100 * r['shares'][lbl]:.1f}%" for lbl in labels)] for r in results]
+    emit(results, as_json, table(rows, ["image", *labels]) + f"\n\nwrote overlays and masks to {out}")
 
 
 @cli.command("demo")

@@ -112,13 +112,22 @@ def export_module(module: nn.Module, example: tuple[torch.Tensor, ...], out: str
     return ExportReport(str(out), name, opset, exporter, axes, parity, time.perf_counter() - start)
 
 
-def _check_batches(examples: torch.Tensor, dynamic_batch: bool) -> tuple[tuple, list[tuple]]:
-    """Export on 2 real inputs; check on 1 and on up to 16 others (two other batch sizes)."""
+def _check_batches(examples: torch.Tensor, dynamic_batch: bool,
+                   dynamic_size: bool = False, multiple: int = 1) -> tuple[tuple, list[tuple]]:
+    """Export on 2 real inputs; check on 1 and on up to 16 others (two other batch sizes). Models with
+    dynamic height and width are also checked at another resolution (the real images resized)."""
     if len(examples) < 4:
         raise ModelFileError("the checkpoint holds fewer than 4 example inputs; cannot prove parity")
     if not dynamic_batch:
-        return (examples[:1],), [(examples[1:2],), (examples[2:3],)]
-    return (examples[:2],), [(examples[2:3],), (examples[3:19],)]
+        example, checks = (examples[:1],), [(examples[1:2],), (examples[2:3],)]
+    else:
+        example, checks = (examples[:2],), [(examples[2:3],), (examples[3:19],)]
+    if dynamic_size:
+        h, w = examples.shape[-2:]
+        size = (h + 2 * max(multiple, 16), w + 4 * max(multiple, 16))
+        resized = torch.nn.functional.interpolate(checks[1][0], size=size, mode="bilinear", align_corners=False)
+        checks[1] = (resized,)
+    return example, checks
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
@@ -127,10 +136,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | N
     ckpt = load_checkpoint(checkpoint)
     spec = get_spec(ckpt["model"])
     module = model_from_checkpoint(ckpt)
-    example, checks = _check_batches(ckpt["examples"], dynamic_batch)
+    contract = spec.contract
+    example, checks = _check_batches(ckpt["examples"], dynamic_batch, contract.dynamic_size, contract.size_multiple)
     ds = ckpt["dataset"]
+    preprocessing = {**ds["preprocessing"], "size_multiple": contract.size_multiple}
     meta = build_metadata(task=spec.task, model=spec.name, labels=list(ds["labels"]),
-                          preprocessing=dict(ds["preprocessing"]), inputs=list(spec.contract.inputs),
+                          preprocessing=preprocessing, inputs=list(spec.contract.inputs),
                           outputs=list(spec.contract.outputs), dynamic_axes=_axes(spec.contract, dynamic_batch),
                           dataset=ds["name"], metrics=dict(ckpt.get("metrics", {})))
     meta["model_args"] = ckpt["model_args"]

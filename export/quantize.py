@@ -180,7 +180,10 @@ def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndar
 
     with tempfile.TemporaryDirectory() as tmp:
         prep = Path(tmp) / "prep.onnx"
-        quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
+        try:
+            quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
+        except Exception:  # symbolic inference gives up on some dynamic spatial axes; ONNX's own suffices
+            quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
         model = onnx.load(str(prep))
         excluded = [n.name for n in model.graph.node if n.op_type in cfg.keep_fp32 or n.name in cfg.exclude_nodes]
         excluded += [name for name in _stem_convs(model) if name not in excluded]
@@ -258,8 +261,8 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
         got = Engine(tmp, device="cpu").run({input_name: checks})[0]
         agreement = float((ref.argmax(1) == got.argmax(1)).mean())
         if agreement < config.min_agreement:
-            raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} of "
-                                    f"{len(checks)} check images (minimum {config.min_agreement:.0%}); "
+            raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} of the "
+                                    f"predictions for {len(checks)} check images (minimum {config.min_agreement:.0%}); "
                                     "try --method, more calibration images or --keep-fp32 OP")
         os.replace(tmp, out)
     finally:

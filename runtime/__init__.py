@@ -10,9 +10,9 @@ from dlpipe.runtime.engine import Engine, available_devices
 from dlpipe.runtime.errors import (DataNotFoundError, DeviceUnavailableError, DlpipeError, InputError,
                                    ModelFileError)
 from dlpipe.runtime.metadata import ModelInfo, read_metadata
-from dlpipe.runtime.predictors import Classification, Classifier, load
+from dlpipe.runtime.predictors import Classification, Classifier, Segmentation, Segmenter, load
 
 __all__ = [
-    "Engine", "available_devices", "load", "Classifier", "Classification", "ModelInfo", "read_metadata",
+    "Engine", "available_devices", "load", "Classifier", "Classification", "Segmenter", "Segmentation", "ModelInfo", "read_metadata",
     "DlpipeError", "InputError", "ModelFileError", "DeviceUnavailableError", "DataNotFoundError",
 ]

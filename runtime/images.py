@@ -83,6 +83,24 @@ def split_items(images: ImageLike | Iterable[ImageLike]) -> list[ImageLike]:
         raise InputError(f"expected images (paths, PIL images or arrays), got {type(images).__name__}") from None
 
 
+def _size_of(item: ImageLike) -> tuple[int, int] | None:
+    """(height, width) of an array or PIL image; None for a path (known only once opened)."""
+    if isinstance(item, np.ndarray):
+        return tuple(item.shape[:2])
+    if isinstance(item, Image.Image):
+        return item.size[1], item.size[0]
+    return None
+
+
+def pad_to_multiple(batch: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pad the last two axes of an NCHW batch up to multiples of ``multiple``."""
+    h, w = batch.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not ph and not pw:
+        return batch
+    return np.pad(batch, ((0, 0), (0, 0), (0, ph), (0, pw)), mode="edge")
+
+
 def _fast_batch(items: list[ImageLike], pre: Preprocessing) -> np.ndarray | None:
     """uint8 arrays already at the model's size and channel count: no PIL round trip."""
     h, w = pre.size
@@ -101,6 +119,8 @@ def preprocess(items: list[ImageLike], pre: Preprocessing, names: list[str] | No
         InputError: for any item that is not a usable image (naming it).
     """
     batch = _fast_batch(items, pre)
+    if batch is None and pre.resize == "none" and len({_size_of(i) for i in items}) > 1:
+        raise InputError("images of a model that keeps their size must be batched by size")
     if batch is None:
         h, w = pre.size
         arrays = []
@@ -113,7 +133,7 @@ def preprocess(items: list[ImageLike], pre: Preprocessing, names: list[str] | No
                     bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # flatten transparency onto white
                     img = Image.alpha_composite(bg, img)
                 img = img.convert(pre.color)
-            if img.size != (w, h):
+            if img.size != (w, h) and pre.resize != "none":
                 img = img.resize((w, h), _RESAMPLE.get(pre.resize, Image.Resampling.BILINEAR))
             arrays.append(np.asarray(img, dtype=np.uint8))
         batch = np.stack(arrays)

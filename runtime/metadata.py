@@ -18,7 +18,8 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes the model's input: colour mode, resize, scale, normalisation, layout."""
+    """How an image becomes the model's input: colour mode, resize (``none`` keeps the image's size,
+    padded up to ``size_multiple``), scale, normalisation, layout."""
 
     color: str = "RGB"
     size: tuple[int, int] = (32, 32)
@@ -27,6 +28,7 @@ class Preprocessing:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     layout: str = "NCHW"
+    size_multiple: int = 1
 
     @property
     def channels(self) -> int:
@@ -64,7 +66,8 @@ class ModelInfo:
                     color=str(pre.get("color", "RGB")), size=tuple(int(v) for v in pre.get("size", (32, 32))),
                     resize=str(pre.get("resize", "bilinear")), scale=float(pre.get("scale", 1 / 255)),
                     mean=tuple(float(v) for v in pre.get("mean", (0.0,))),
-                    std=tuple(float(v) for v in pre.get("std", (1.0,))), layout=str(pre.get("layout", "NCHW"))),
+                    std=tuple(float(v) for v in pre.get("std", (1.0,))), layout=str(pre.get("layout", "NCHW")),
+                    size_multiple=int(pre.get("size_multiple", 1))),
                 precision=str(doc.get("precision", "fp32")),
                 input_name=str(doc.get("inputs", ["image"])[0]),
                 output_names=tuple(str(x) for x in doc.get("outputs", ["logits"])),

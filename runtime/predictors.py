@@ -11,7 +11,7 @@ import numpy as np
 
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.images import ImageLike, preprocess, split_items
+from dlpipe.runtime.images import ImageLike, pad_to_multiple, preprocess, split_items, to_pil
 from dlpipe.runtime.metadata import ModelInfo
 
 
@@ -82,7 +82,73 @@ class Classifier(Predictor):
                                top_k=tuple((labels[j], float(p[j])) for j in row)) for p, row in zip(probs, order)]
 
 
-PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier}
+# Class colours for masks and overlays: background black, then well-separated hues.
+PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+                    (0, 128, 128), (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0)], dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """One image's result: the class id of every pixel (at the image's own size) and each class's share."""
+
+    mask: np.ndarray
+    shares: dict[str, float]
+
+    def colorized(self) -> np.ndarray:
+        """The mask as an ``HxWx3`` uint8 colour image."""
+        return PALETTE[self.mask % len(PALETTE)]
+
+    def overlay(self, image: ImageLike, alpha: float = 0.5) -> np.ndarray:
+        """``image`` with the coloured mask blended over its non-background pixels."""
+        rgb = np.asarray(to_pil(image, "image").convert("RGB"), dtype=np.float32)
+        if rgb.shape[:2] != self.mask.shape:
+            raise InputError(f"image size {rgb.shape[:2]} differs from the mask's {self.mask.shape}")
+        colour = self.colorized().astype(np.float32)
+        blend = np.where((self.mask > 0)[..., None], (1 - alpha) * rgb + alpha * colour, rgb)
+        return blend.round().astype(np.uint8)
+
+
+class Segmenter(Predictor):
+    """Semantic segmentation: images of any size in, a class mask of the same size out."""
+
+    task = "segmentation"
+
+    def masks(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Class masks for a uint8 ``NxHxW[xC]`` batch of same-size images."""
+        items = split_items(images)
+        out = []
+        for start in range(0, len(items), batch_size):
+            out.append(self._masks(items[start:start + batch_size]))
+        return np.concatenate(out)
+
+    def _masks(self, items: list[ImageLike]) -> np.ndarray:
+        batch = preprocess(items, self.info.preprocessing)
+        h, w = batch.shape[-2:]
+        padded = pad_to_multiple(batch, self.info.preprocessing.size_multiple)
+        logits = self.engine.run({self.engine.input_names[0]: padded})[0]
+        return logits[:, :, :h, :w].argmax(1).astype(np.uint8)
+
+    def predict(self, images: ImageLike | Iterable[ImageLike]) -> list[Segmentation]:
+        """Segment images (paths, PIL images or arrays, each at its own size).
+
+        Returns:
+            One :class:`Segmentation` per image, in order.
+        """
+        items = split_items(images)
+        if not items:
+            raise InputError("no images given")
+        labels = self.info.labels
+        results = []
+        for i, item in enumerate(items):
+            mask = self._masks([item])[0]
+            counts = np.bincount(mask.ravel(), minlength=len(labels))
+            shares = {labels[k] if k < len(labels) else str(k): float(c / mask.size) for k, c in enumerate(counts)}
+            results.append(Segmentation(mask=mask, shares=shares))
+        return results
+
+
+PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier, "segmentation": Segmenter}
 
 
 def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Predictor:

@@ -75,3 +75,14 @@ def shapes_onnx(shapes_checkpoint, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("shapes_onnx") / "shapes.onnx"
     export_checkpoint(shapes_checkpoint, out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def fcn_onnx(tmp_path_factory) -> str:
+    """FCN-8s trained for one epoch on 400 shapes scenes, exported to ONNX (dynamic height and width)."""
+    from dlpipe.export.onnx_export import export_checkpoint
+
+    out = tmp_path_factory.mktemp("fcn8s")
+    result = _train(out, model="fcn8s", dataset="shapes-scenes", epochs=1, limit=400, test_limit=50)
+    export_checkpoint(result["best"], out / "fcn8s.onnx")
+    return str(out / "fcn8s.onnx")

@@ -20,6 +20,7 @@ from dlpipe.training.shapes import KINDS, ShapesWorld
 
 SHAPES_SEED = 20240601
 SHAPES_TRAIN, SHAPES_TEST = 12_000, 2_000
+SCENES_TRAIN, SCENES_TEST = 6_000, 1_000
 _SHAPES_TEST_START = 1_000_000  # test scenes are drawn far from the training indices
 
 
@@ -34,7 +35,9 @@ class DatasetInfo:
         mean: Per-channel mean of pixel values scaled to [0, 1].
         std: Per-channel standard deviation, same scale.
         labels: Class names, index = class id.
-        loader: ``loader(split, root, download, limit)`` -> ``(uint8 images NxHxW[xC], int64 labels)``.
+        loader: ``loader(split, root, download, limit)`` -> ``(uint8 images NxHxW[xC], labels)``: int64
+            class ids for classification, ``NxHxW`` uint8 class masks for segmentation.
+        task: ``classification`` or ``segmentation``.
     """
 
     name: str
@@ -44,10 +47,13 @@ class DatasetInfo:
     std: tuple[float, ...]
     labels: tuple[str, ...]
     loader: Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]
+    task: str = "classification"
 
     def preprocessing(self) -> dict:
-        """The preprocessing contract written into checkpoints and ONNX metadata."""
-        return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": "bilinear",
+        """The preprocessing contract written into checkpoints and ONNX metadata (segmentation keeps the
+        image's own size)."""
+        resize = "none" if self.task == "segmentation" else "bilinear"
+        return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": resize,
                 "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "layout": "NCHW"}
 
 
@@ -84,6 +90,14 @@ def _shapes_loader(split: str, root: Path, download: bool, limit: int | None) ->
     return world.classification_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
 
 
+def _scenes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    del root, download
+    world = ShapesWorld(seed=SHAPES_SEED + 1, image_size=64, shapes_per_scene=(1, 4), radius=(0.12, 0.25))
+    count = SCENES_TRAIN if split == "train" else SCENES_TEST
+    count = count if limit is None else min(limit, count)
+    return world.segmentation_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
+
+
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d for d in [
         DatasetInfo("mnist", 1, (28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10)),
@@ -92,6 +106,8 @@ DATASETS: dict[str, DatasetInfo] = {
                     ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                      "Ankle boot"), _torchvision_loader("FashionMNIST")),
         DatasetInfo("shapes", 3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes_loader),
+        DatasetInfo("shapes-scenes", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("background", *KINDS),
+                    _scenes_loader, task="segmentation"),
     ]
 }
 
@@ -167,7 +183,7 @@ class ImageTensorDataset(Dataset):
         batch = self.images[idx]
         if self.transform is not None:
             batch = torch.stack([self.transform(img) for img in batch])
-        return normalize(batch, self.info), self.labels[idx]
+        return normalize(batch, self.info), self.labels[idx].long()
 
 
 def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,9 +13,10 @@ import torch
 from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.predictors import Classifier, load
+from dlpipe.runtime.predictors import Classifier, Segmenter, load
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.data import load_split
+from dlpipe.training.train import mean_iou
 
 
 def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "test", limit: int | None = None,
@@ -23,8 +24,11 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
     """Accuracy, per-class accuracy and confusion matrix of a classifier ONNX model on a dataset split,
     run through the runtime's own preprocessing from raw images."""
     predictor = load(model, device=device)
+    if isinstance(predictor, Segmenter):
+        return _evaluate_segmenter(predictor, model, dataset, split, limit, data_dir)
     if not isinstance(predictor, Classifier):
-        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification")
+        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification "
+                             "and segmentation")
     info = predictor.info
     dataset = dataset or info.raw.get("dataset")
     if not dataset:
@@ -44,6 +48,30 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
                  if support[i] else None) for i in range(n)}
     return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
             "images": int(len(labels)), "accuracy": float((pred == labels).mean()), "per_class_accuracy": per_class,
+            "confusion": confusion.tolist(), "labels": list(info.labels), "seconds": seconds,
+            "providers": predictor.engine.providers}
+
+
+def _evaluate_segmenter(predictor: Segmenter, model, dataset, split, limit, data_dir) -> dict[str, Any]:
+    """Pixel accuracy, mean IoU and per-class IoU of a segmentation model."""
+    info = predictor.info
+    dataset = dataset or info.raw.get("dataset")
+    if not dataset:
+        raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    images, masks = load_split(dataset, split, data_dir, limit)
+    if masks.ndim != 3:
+        raise InputError(f"dataset {dataset!r} has no segmentation masks")
+    start = time.perf_counter()
+    pred = predictor.masks(images)
+    seconds = time.perf_counter() - start
+    k = len(info.labels)
+    confusion = np.bincount(masks.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
+    inter = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - inter
+    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
+            "images": int(len(masks)), "accuracy": float(inter.sum() / confusion.sum()), "miou": mean_iou(confusion),
+            "per_class_iou": {lbl: (float(inter[i] / union[i]) if union[i] else None)
+                              for i, lbl in enumerate(info.labels)},
             "confusion": confusion.tolist(), "labels": list(info.labels), "seconds": seconds,
             "providers": predictor.engine.providers}
 

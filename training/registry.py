@@ -35,6 +35,7 @@ class OnnxContract:
         atol: Absolute tolerance of the parity check against PyTorch.
         rtol: Relative tolerance of the parity check.
         exporter: ``dynamo`` (torch.export based, the default) or ``torchscript``.
+        size_multiple: Height and width must be multiples of this (fully convolutional models).
     """
 
     inputs: dict[str, dict[int, str]]
@@ -43,12 +44,13 @@ class OnnxContract:
     atol: float = 1e-4
     rtol: float = 1e-3
     exporter: str = "dynamo"
+    size_multiple: int = 1
 
-    def example_inputs(self, model_args: dict[str, Any], batch: int, generator: torch.Generator | None = None):
-        """Random example inputs of the model's input shape for ``batch`` items (NCHW float)."""
-        c = model_args["in_channels"]
-        h, w = model_args["image_size"]
-        return (torch.randn(batch, c, h, w, generator=generator),)
+    @property
+    def dynamic_size(self) -> bool:
+        """Whether the image height and width are dynamic axes."""
+        first = next(iter(self.inputs.values()))
+        return 2 in first and 3 in first
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,15 @@ class ShapesWorld:
             images[i] = self.render(scene)[0]
             labels[i] = scene.shapes[-1].label
         return images, labels
+
+    def segmentation_set(self, count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``count`` scenes with their class masks, scenes ``start .. start+count-1``.
+
+        Returns:
+            ``(images, masks)``: ``N x H x W x 3`` uint8 and ``N x H x W`` uint8 (0 background, 1 + kind).
+        """
+        images = np.empty((count, *self.size, 3), dtype=np.uint8)
+        masks = np.empty((count, *self.size), dtype=np.uint8)
+        for i in range(count):
+            images[i], masks[i] = self.render(self.scene(start + i))
+        return images, masks

@@ -100,7 +100,11 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise InputError("epochs and batch size must be positive and the learning rate above zero")
     if not 0 < out.val_fraction < 1:
         raise InputError(f"val_fraction must be between 0 and 1, got {out.val_fraction}")
-    datasets.get_dataset(out.dataset)
+    info = datasets.get_dataset(out.dataset)
+    if info.task != spec.task:
+        raise InputError(f"{out.model} is a {spec.task} model but dataset {out.dataset!r} is for {info.task}")
+    if info.task == "segmentation" and out.augment != "none":
+        raise InputError("augmentation of segmentation data (image and mask together) is not supported yet")
     return out
 
 
@@ -161,7 +165,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     progress: tqdm | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy and samples per second."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, targets = 0.0, 0, 0, 0
     start = time.perf_counter()
     for images, labels in loader:
         logits = model(images)
@@ -175,25 +179,46 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == labels).sum().item()
         seen += n
+        targets += labels.numel()  # images, or pixels for segmentation
         if progress is not None:
             progress.update(n)
-            progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+            progress.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / targets:.4f}", refresh=False)
     seconds = time.perf_counter() - start
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(targets, 1),
             "samples_per_s": seen / seconds if seconds > 0 else math.nan, "seconds": seconds}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Mean loss and accuracy over ``loader`` in eval mode."""
+    """Mean loss and accuracy (per image, or per pixel for segmentation, which also gets mean IoU)."""
     model.eval()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, targets = 0.0, 0, 0, 0
+    confusion = None
     for images, labels in loader:
         logits = model(images)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
+        total_loss += F.cross_entropy(logits, labels, reduction="mean").item() * labels.shape[0]
+        pred = logits.argmax(1)
+        correct += (pred == labels).sum().item()
         seen += labels.shape[0]
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+        targets += labels.numel()
+        if logits.ndim == 4:
+            k = logits.shape[1]
+            counts = torch.bincount(labels.flatten() * k + pred.flatten(), minlength=k * k).view(k, k)
+            confusion = counts if confusion is None else confusion + counts
+    out = {"loss": total_loss / max(seen, 1), "acc": correct / max(targets, 1)}
+    if confusion is not None:
+        out["miou"] = mean_iou(confusion.numpy())
+    return out
+
+
+def mean_iou(confusion) -> float:
+    """Mean intersection over union over the classes present in the labels or the predictions."""
+    import numpy as np
+
+    inter = np.diag(confusion).astype(float)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 0.0
 
 
 def _loader(ds: datasets.ImageTensorDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -266,15 +291,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         history.append(row)
         with log_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        improved = row["val_acc"] > best_acc
+        score = row.get("val_miou", row["val_acc"])  # segmentation selects on mean IoU
+        improved = score > best_acc
         if improved:
-            best_acc, stale = row["val_acc"], 0
+            best_acc, stale = score, 0
             save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                             "metrics": {"val_acc": best_acc}}, out / "best.pt")
+                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
         else:
             stale += 1
+        miou = f" val_miou {row['val_miou']:.4f}" if "val_miou" in row else ""
         bar.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
-                  f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{' *' if improved else ''}", file=sys.stderr)
+                  f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{miou}{' *' if improved else ''}",
+                  file=sys.stderr)
         save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_acc": best_acc,
                          "history": history, "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -290,8 +318,8 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     test_images, test_labels = datasets.load_split(cfg.dataset, "test", cfg.data_dir, cfg.test_limit, cfg.download)
     test_ds = datasets.ImageTensorDataset(datasets.to_nchw(test_images), torch.from_numpy(test_labels), info)
     test = evaluate(model, _loader(test_ds, 512, False, cfg.seed))
-    best["metrics"].update({"test_acc": test["acc"], "test_loss": test["loss"]})
+    best["metrics"].update({f"test_{k}": v for k, v in test.items()})
     save_checkpoint(best, out / "best.pt")
     return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path),
-            "best_val_acc": best_acc, "test_acc": test["acc"], "history": history}
+            "best_val_acc": best_acc, "test_acc": test["acc"], "test_miou": test.get("miou"), "history": history}
 

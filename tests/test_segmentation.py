@@ -1,0 +1,128 @@
+"""FCN segmentation: the model, training on shapes scenes, the runtime Segmenter, quantization and the app."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dlpipe.apps.cli import cli
+from dlpipe.export.quantize import QuantizationConfig, quantize
+from dlpipe.runtime import Segmenter, load
+from dlpipe.runtime.errors import InputError
+from dlpipe.training import data as datasets
+from dlpipe.training.models.fcn import _upsample
+from dlpipe.training.registry import get_spec, list_models
+from dlpipe.training.train import TrainConfig, build_optimizer, init_weights, main, train_one_epoch
+
+
+@pytest.mark.parametrize("name", list_models("segmentation"))
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+def test_fcn_is_fully_convolutional(name, size):
+    model = get_spec(name).build(in_channels=3, num_classes=7).eval()
+    assert model(torch.randn(2, 3, *size)).shape == (2, 7, *size)
+
+
+def test_transposed_convolution_starts_as_bilinear_interpolation():
+    up = _upsample(3, 4)
+    x = torch.randn(1, 3, 6, 6)
+    expected = torch.nn.functional.interpolate(x, scale_factor=4, mode="bilinear", align_corners=False)
+    # identical away from the border (the transposed conv pads with zeros where interpolate clamps)
+    torch.testing.assert_close(up(x)[..., 4:-4, 4:-4], expected[..., 4:-4, 4:-4], atol=1e-5, rtol=1e-5)
+
+
+def test_fcn8s_skips_start_silent_and_learn():
+    torch.manual_seed(0)
+    model = get_spec("fcn8s").build(in_channels=3, num_classes=7)
+    assert model.score_pool3.weight.abs().sum() == 0 and model.score_pool4.weight.abs().sum() == 0
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 7, (2, 64, 64)))
+    loss.backward()
+    assert model.score_pool3.weight.grad.abs().sum() > 0 and model.score_pool4.weight.grad.abs().sum() > 0
+
+
+def test_scenes_masks_match_the_images():
+    images, masks = datasets.load_split("shapes-scenes", "train", limit=20)
+    assert images.shape == (20, 64, 64, 3) and masks.shape == (20, 64, 64) and masks.dtype == np.uint8
+    assert masks.max() <= 6 and (masks > 0).mean() > 0.05
+    again, _ = datasets.load_split("shapes-scenes", "train", limit=20)
+    assert np.array_equal(images, again)
+
+
+def test_a_few_steps_lower_the_segmentation_loss():
+    info = datasets.get_dataset("shapes-scenes")
+    images, masks = datasets.load_split("shapes-scenes", "train", limit=256)
+    ds = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(masks), info)
+    loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True, collate_fn=datasets.batch_collate,
+                                         generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = get_spec("fcn8s").build(in_channels=3, num_classes=7)
+    init_weights(model, "he")
+    opt = build_optimizer("adam", model.parameters(), 2e-3, 0.9, 0.0)
+    first = train_one_epoch(model, loader, opt)["train_loss"]
+    for _ in range(2):
+        last = train_one_epoch(model, loader, opt)["train_loss"]
+    assert last < 0.7 * first, (first, last)
+
+
+def test_model_and_dataset_tasks_must_match():
+    with pytest.raises(InputError, match="is a classification model but dataset 'shapes-scenes'"):
+        main(TrainConfig(model="lenet5", dataset="shapes-scenes"))
+    with pytest.raises(InputError, match="not supported yet"):
+        main(TrainConfig(model="fcn8s", augment="shift"))
+
+
+def test_segmenter_keeps_each_images_size(fcn_onnx, tmp_path):
+    seg = load(fcn_onnx)
+    assert isinstance(seg, Segmenter) and seg.info.preprocessing.size_multiple == 32
+    path = tmp_path / "a.jpg"
+    Image.new("RGB", (101, 37), (10, 200, 30)).save(path)
+    gray = np.full((50, 70), 128, np.uint8)
+    results = seg.predict([path, gray, np.zeros((64, 64, 3), np.uint8)])
+    assert [r.mask.shape for r in results] == [(37, 101), (50, 70), (64, 64)]
+    for r in results:
+        assert abs(sum(r.shares.values()) - 1) < 1e-9 and set(r.shares) >= {"background", "circle"}
+    overlay = results[0].overlay(path)
+    assert overlay.shape == (37, 101, 3) and overlay.dtype == np.uint8
+    with pytest.raises(InputError, match="differs from the mask"):
+        results[0].overlay(gray)
+
+
+def test_segmenter_matches_the_batched_path(fcn_onnx):
+    images, _ = datasets.load_split("shapes-scenes", "test", limit=6)
+    seg = load(fcn_onnx)
+    batched = seg.masks(images, batch_size=4)
+    one_by_one = np.stack([r.mask for r in seg.predict(list(images))])
+    assert np.array_equal(batched, one_by_one)
+
+
+def test_quantized_segmenters_agree_per_pixel(fcn_onnx, tmp_path):
+    images, _ = datasets.load_split("shapes-scenes", "test", limit=32)
+    fp32 = load(fcn_onnx).masks(images)
+    for cfg in (QuantizationConfig("fp16"), QuantizationConfig("int8", calibration_size=64)):
+        report = quantize(fcn_onnx, tmp_path / f"{cfg.precision}.onnx", cfg, check_size=64)
+        got = load(report.path).masks(images)
+        assert (got == fp32).mean() > 0.98, cfg.precision
+
+
+def test_segment_and_evaluate_commands(fcn_onnx, tmp_path):
+    images, _ = datasets.load_split("shapes-scenes", "test", limit=2)
+    files = []
+    for i, img in enumerate(images):
+        f = tmp_path / f"scene{i}.png"
+        Image.fromarray(img).resize((96, 80)).save(f)
+        files.append(f)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["segment", fcn_onnx, *map(str, files), "--out", str(tmp_path / "out"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    for row in rows:
+        mask = np.asarray(Image.open(row["mask"]))
+        assert mask.shape == (80, 96) and mask.max() <= 6
+        assert Image.open(row["overlay"]).size == (96, 80)
+    ev = json.loads(runner.invoke(cli, ["evaluate", fcn_onnx, "--limit", "20", "--json"]).stdout)[0]
+    assert 0 <= ev["miou"] <= 1 and ev["images"] == 20 and "background" in ev["per_class_iou"]
+    bad = runner.invoke(cli, ["segment", fcn_onnx, str(tmp_path / "missing.png"), "--out", str(tmp_path / "o2")])
+    assert bad.exit_code != 0 and "missing.png' does not exist" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "o2").exists()

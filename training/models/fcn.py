@@ -1,0 +1,109 @@
+"""FCN (Long, Shelhamer and Darrell, 2015): a VGG-style backbone whose fully connected layers are
+replaced by equivalent convolutions, a 1x1 class scorer, and transposed convolutions initialised to
+bilinear interpolation, with skip connections from pool4 (FCN-16s) and pool3 (FCN-8s).
+
+Fully convolutional: any input whose height and width are multiples of 32 (the runtime pads).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+
+STRIDE = 32  # five 2x2 poolings
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
+    """ConvTranspose2d weight (channels x channels x k x k) that upsamples each channel bilinearly."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float32)
+    filt = (1 - (og - center).abs() / factor)
+    filt2d = filt[:, None] * filt[None, :]
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+    weight[range(channels), range(channels)] = filt2d
+    return weight
+
+
+def _upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
+    up = nn.ConvTranspose2d(channels, channels, kernel_size=2 * factor, stride=factor, padding=factor // 2, bias=False)
+    with torch.no_grad():
+        up.weight.copy_(bilinear_kernel(channels, 2 * factor))
+    return up
+
+
+class FCN(nn.Module):
+    """FCN-32s / 16s / 8s over a five-stage VGG-style backbone."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], fc_width: int, variant: str,
+                 dropout: float):
+        super().__init__()
+        stages, cin = [], in_channels
+        for w in widths:
+            stages.append(nn.Sequential(nn.Conv2d(cin, w, 3, padding=1), nn.ReLU(inplace=True),
+                                        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        # fc6/fc7 of the classifier, as convolutions (fc6 sees a 3x3 window of pool5)
+        self.fc = nn.Sequential(nn.Conv2d(cin, fc_width, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+                                nn.Conv2d(fc_width, fc_width, 1), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+        self.score = nn.Conv2d(fc_width, num_classes, 1)
+        self.variant = variant
+        if variant == "32s":
+            self.up_final = _upsample(num_classes, 32)
+        else:
+            self.score_pool4 = nn.Conv2d(widths[3], num_classes, 1)
+            self.up2 = _upsample(num_classes, 2)
+            if variant == "16s":
+                self.up_final = _upsample(num_classes, 16)
+            else:
+                self.score_pool3 = nn.Conv2d(widths[2], num_classes, 1)
+                self.up2_pool4 = _upsample(num_classes, 2)
+                self.up_final = _upsample(num_classes, 8)
+        for m in (getattr(self, "score_pool4", None), getattr(self, "score_pool3", None)):
+            if m is not None:  # skips start silent, as in the paper
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        score = self.score(self.fc(x))
+        if self.variant == "32s":
+            return self.up_final(score)
+        score = self.up2(score) + self.score_pool4(feats[3])
+        if self.variant == "16s":
+            return self.up_final(score)
+        score = self.up2_pool4(score) + self.score_pool3(feats[2])
+        return self.up_final(score)
+
+
+def _fcn(variant: str):
+    def build(*, in_channels: int, num_classes: int, image_size: Sequence[int] | None = None,
+              widths: Sequence[int] = (16, 32, 64, 96, 128), fc_width: int = 256, dropout: float = 0.2) -> nn.Module:
+        del image_size  # fully convolutional
+        return FCN(in_channels, num_classes, widths, fc_width, variant, dropout)
+
+    build.__name__ = build.__qualname__ = f"fcn{variant}"
+    build.__doc__ = f"FCN-{variant} segmentation network."
+    return build
+
+
+SEGMENTATION_CONTRACT = OnnxContract(
+    inputs={"image": {0: "batch", 2: "height", 3: "width"}},
+    outputs={"logits": {0: "batch", 2: "height", 3: "width"}},
+    atol=2e-4, size_multiple=STRIDE)
+
+fcn32s, fcn16s, fcn8s = _fcn("32s"), _fcn("16s"), _fcn("8s")
+for _variant, _builder in (("32s", fcn32s), ("16s", fcn16s), ("8s", fcn8s)):
+    register_model(ModelSpec(name=f"fcn{_variant}", task="segmentation", builder=_builder,
+                             default_dataset="shapes-scenes", contract=SEGMENTATION_CONTRACT,
+                             recipe=TrainRecipe(optimizer="adam", lr=1e-3, epochs=10, batch_size=32, init="he"),
+                             description=f"FCN-{_variant}: VGG-style backbone, conv fc6/fc7, bilinear upsampling"
+                                         + ("" if _variant == "32s" else " with skips")))
