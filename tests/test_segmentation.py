@@ -126,3 +126,14 @@ def test_segment_and_evaluate_commands(fcn_onnx, tmp_path):
     bad = runner.invoke(cli, ["segment", fcn_onnx, str(tmp_path / "missing.png"), "--out", str(tmp_path / "o2")])
     assert bad.exit_code != 0 and "missing.png' does not exist" in bad.output and "Traceback" not in bad.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_digit_scenes_from_real_mnist(data_dir):
+    images, masks = datasets.load_split("mnist-scenes", "test", data_dir, limit=30)
+    assert images.shape == masks.shape == (30, 64, 64)
+    assert masks.max() <= 10 and (masks > 0).any(axis=(1, 2)).all()  # every scene has a digit
+    assert images[masks > 0].min() > 96  # mask pixels are strokes
+    assert (images[masks == 0] > 96).mean() < 0.01
+    again, _ = datasets.load_split("mnist-scenes", "test", data_dir, limit=30)
+    assert np.array_equal(images, again)
+    assert datasets.get_dataset("mnist-scenes").labels[1] == "0"

@@ -98,6 +98,43 @@ def _scenes_loader(split: str, root: Path, download: bool, limit: int | None) ->
     return world.segmentation_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
 
 
+def digit_scenes(digits: np.ndarray, labels: np.ndarray, count: int, seed: int, size: int = 64,
+                 per_scene: tuple[int, int] = (1, 3)) -> tuple[np.ndarray, np.ndarray]:
+    """Scenes of real MNIST strokes: 1-3 digits pasted at random scales and places on a ``size`` canvas,
+    overlapping little (the place is redrawn up to 10 times while it would cover 5% of earlier strokes).
+
+    Returns:
+        ``(images, masks)``: ``N x size x size`` uint8 images and masks holding ``1 + digit`` on the strokes
+        (pixels above 96/255; a later digit covers an earlier one) and 0 elsewhere.
+    """
+    from PIL import Image
+
+    images = np.zeros((count, size, size), dtype=np.uint8)
+    masks = np.zeros((count, size, size), dtype=np.uint8)
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        for _ in range(int(rng.integers(per_scene[0], per_scene[1] + 1))):
+            k = int(rng.integers(len(digits)))
+            side = int(rng.integers(20, 41))
+            glyph = np.asarray(Image.fromarray(digits[k]).resize((side, side), Image.Resampling.BILINEAR))
+            strokes = glyph > 96
+            for _ in range(10):  # look for a place where the new strokes barely touch earlier ones
+                y, x = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+                if (masks[i, y:y + side, x:x + side][strokes] > 0).mean() < 0.05:
+                    break
+            window = images[i, y:y + side, x:x + side]
+            np.maximum(window, glyph, out=window)
+            masks[i, y:y + side, x:x + side][strokes] = labels[k] + 1
+    return images, masks
+
+
+def _digit_scenes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    count = SCENES_TRAIN if split == "train" else SCENES_TEST
+    count = count if limit is None else min(limit, count)
+    digits, labels = _torchvision_loader("MNIST")(split, root, download, None)
+    return digit_scenes(digits, labels, count, seed=SHAPES_SEED + (2 if split == "train" else 3))
+
+
 DATASETS: dict[str, DatasetInfo] = {
     d.name: d for d in [
         DatasetInfo("mnist", 1, (28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10)),
@@ -108,6 +145,8 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("shapes", 3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes_loader),
         DatasetInfo("shapes-scenes", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("background", *KINDS),
                     _scenes_loader, task="segmentation"),
+        DatasetInfo("mnist-scenes", 1, (64, 64), (0.08,), (0.25,), ("background", *(str(i) for i in range(10))),
+                    _digit_scenes_loader, task="segmentation"),
     ]
 }
 
