@@ -4,6 +4,7 @@ in its metadata and is checked against the fp32 model on real inputs (top-1 agre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -162,6 +163,18 @@ def _to_fp16(src: Path, dst: Path, cfg: QuantizationConfig) -> list[str]:
     return [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in block or n.name in cfg.exclude_nodes]
 
 
+@contextlib.contextmanager
+def _working_directory(path: str):
+    """Run inside ``path``: onnxruntime's symbolic shape inference leaves temporary files (a model and
+    its external data) in the current directory when it gives up."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _stem_convs(model: onnx.ModelProto) -> list[str]:
     """Convolutions over 1-3 input channels (an image stem). Their GEMM depth (channels x kernel) is
     too shallow for int8 kernels to pay off (measured 10x slower than fp32 for LeNet/VGG stems on
@@ -178,7 +191,8 @@ def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndar
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    src, dst = src.resolve(), dst.resolve()  # the work below runs in a temporary directory
+    with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
         prep = Path(tmp) / "prep.onnx"
         try:
             quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)

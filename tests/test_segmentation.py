@@ -137,3 +137,16 @@ def test_digit_scenes_from_real_mnist(data_dir):
     again, _ = datasets.load_split("mnist-scenes", "test", data_dir, limit=30)
     assert np.array_equal(images, again)
     assert datasets.get_dataset("mnist-scenes").labels[1] == "0"
+
+
+def test_quantizing_leaves_no_stray_files_in_the_working_directory(fcn_onnx, tmp_path, monkeypatch):
+    # onnxruntime's symbolic shape inference gives up on FCN's dynamic spatial axes and used to leave
+    # its temporary model and external data in the current directory.
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    import shutil
+    shutil.copy(fcn_onnx, "fcn.onnx")
+    quantize("fcn.onnx", "fcn.int8.onnx", QuantizationConfig("int8", calibration_size=16, min_agreement=0.5),
+             check_size=16)
+    assert sorted(p.name for p in work.iterdir()) == ["fcn.int8.onnx", "fcn.onnx"]
