@@ -20,9 +20,11 @@ from dlpipe.training.train import TrainConfig, build_optimizer, init_weights, ma
 
 @pytest.mark.parametrize("name", list_models("segmentation"))
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
-def test_fcn_is_fully_convolutional(name, size):
-    model = get_spec(name).build(in_channels=3, num_classes=7).eval()
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_fcn_is_fully_convolutional(name, size, batch_norm):
+    model = get_spec(name).build(in_channels=3, num_classes=7, batch_norm=batch_norm).eval()
     assert model(torch.randn(2, 3, *size)).shape == (2, 7, *size)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == batch_norm
 
 
 def test_transposed_convolution_starts_as_bilinear_interpolation():

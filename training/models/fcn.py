@@ -40,12 +40,17 @@ class FCN(nn.Module):
     """FCN-32s / 16s / 8s over a five-stage VGG-style backbone."""
 
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], fc_width: int, variant: str,
-                 dropout: float):
+                 dropout: float, batch_norm: bool):
         super().__init__()
+
+        def norm(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if batch_norm else nn.Identity()
+
         stages, cin = [], in_channels
         for w in widths:
-            stages.append(nn.Sequential(nn.Conv2d(cin, w, 3, padding=1), nn.ReLU(inplace=True),
-                                        nn.Conv2d(w, w, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            stages.append(nn.Sequential(nn.Conv2d(cin, w, 3, padding=1), norm(w), nn.ReLU(inplace=True),
+                                        nn.Conv2d(w, w, 3, padding=1), norm(w), nn.ReLU(inplace=True),
+                                        nn.MaxPool2d(2)))
             cin = w
         self.stages = nn.ModuleList(stages)
         # fc6/fc7 of the classifier, as convolutions (fc6 sees a 3x3 window of pool5)
@@ -86,9 +91,10 @@ class FCN(nn.Module):
 
 def _fcn(variant: str):
     def build(*, in_channels: int, num_classes: int, image_size: Sequence[int] | None = None,
-              widths: Sequence[int] = (16, 32, 64, 96, 128), fc_width: int = 256, dropout: float = 0.2) -> nn.Module:
+              widths: Sequence[int] = (16, 32, 64, 96, 128), fc_width: int = 256, dropout: float = 0.2,
+              batch_norm: bool = False) -> nn.Module:
         del image_size  # fully convolutional
-        return FCN(in_channels, num_classes, widths, fc_width, variant, dropout)
+        return FCN(in_channels, num_classes, widths, fc_width, variant, dropout, batch_norm)
 
     build.__name__ = build.__qualname__ = f"fcn{variant}"
     build.__doc__ = f"FCN-{variant} segmentation network."
