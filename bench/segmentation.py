@@ -29,8 +29,8 @@ from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  #
 from dlpipe.training.evaluate import evaluate_onnx  # noqa: E402
 from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
 
-RECIPE = dict(model="fcn8s", dataset="shapes-scenes", epochs=15, batch_size=32, lr=2e-3, optimizer="adam",
-              schedule="cosine", seed=0)
+RECIPE = dict(model="fcn8s", dataset="shapes-scenes", epochs=20, batch_size=32, lr=3e-3, optimizer="adam",
+              schedule="onecycle", batch_norm=True, seed=0)
 
 
 def main() -> None:
