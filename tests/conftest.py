@@ -40,6 +40,13 @@ def _train(out: Path, **overrides):
     return main(TrainConfig(out=str(out), progress=False, **overrides))
 
 
+def _export(checkpoint: str, folder: Path, name: str) -> str:
+    from dlpipe.export.onnx_export import export_checkpoint
+
+    export_checkpoint(checkpoint, folder / name)
+    return str(folder / name)
+
+
 @pytest.fixture(scope="session")
 def mnist_checkpoint(tmp_path_factory, data_dir) -> str:
     """LeNet-5 trained for one epoch on 6,000 real MNIST digits (a few seconds)."""
@@ -53,11 +60,7 @@ def mnist_checkpoint(tmp_path_factory, data_dir) -> str:
 @pytest.fixture(scope="session")
 def mnist_onnx(mnist_checkpoint, tmp_path_factory) -> str:
     """The MNIST LeNet-5 exported to ONNX."""
-    from dlpipe.export.onnx_export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("mnist_onnx") / "lenet5.onnx"
-    export_checkpoint(mnist_checkpoint, out)
-    return str(out)
+    return _export(mnist_checkpoint, tmp_path_factory.mktemp("mnist_onnx"), "lenet5.onnx")
 
 
 @pytest.fixture(scope="session")
@@ -70,19 +73,12 @@ def shapes_checkpoint(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def shapes_onnx(shapes_checkpoint, tmp_path_factory) -> str:
     """The shapes deep_convnet exported to ONNX (3-channel 32x32 input)."""
-    from dlpipe.export.onnx_export import export_checkpoint
-
-    out = tmp_path_factory.mktemp("shapes_onnx") / "shapes.onnx"
-    export_checkpoint(shapes_checkpoint, out)
-    return str(out)
+    return _export(shapes_checkpoint, tmp_path_factory.mktemp("shapes_onnx"), "shapes.onnx")
 
 
 @pytest.fixture(scope="session")
 def fcn_onnx(tmp_path_factory) -> str:
     """FCN-8s trained for one epoch on 400 shapes scenes, exported to ONNX (dynamic height and width)."""
-    from dlpipe.export.onnx_export import export_checkpoint
-
     out = tmp_path_factory.mktemp("fcn8s")
     result = _train(out, model="fcn8s", dataset="shapes-scenes", epochs=1, limit=400, test_limit=50)
-    export_checkpoint(result["best"], out / "fcn8s.onnx")
-    return str(out / "fcn8s.onnx")
+    return _export(result["best"], out, "fcn8s.onnx")
