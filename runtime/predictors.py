@@ -47,6 +47,16 @@ class Predictor:
     def path(self) -> Path:
         return self.engine.path
 
+    @staticmethod
+    def _chunks(images: ImageLike | Iterable[ImageLike], batch_size: int) -> list[list[ImageLike]]:
+        """The images as a list of single images, cut into runs of ``batch_size``."""
+        items = split_items(images)
+        if not items:
+            raise InputError("no images given")
+        if batch_size < 1:
+            raise InputError(f"batch size must be at least 1, got {batch_size}")
+        return [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+
 
 class Classifier(Predictor):
     """Image classifier: images in, :class:`Classification` results out."""
@@ -55,17 +65,11 @@ class Classifier(Predictor):
 
     def logits(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> np.ndarray:
         """Raw model outputs (N x classes) for the images, run ``batch_size`` at a time."""
-        items = split_items(images)
-        if not items:
-            raise InputError("no images given")
-        if batch_size < 1:
-            raise InputError(f"batch size must be at least 1, got {batch_size}")
-        chunks = []
-        for start in range(0, len(items), batch_size):
-            part = items[start:start + batch_size]
+        outputs = []
+        for part in self._chunks(images, batch_size):
             batch = preprocess(part, self.info.preprocessing)
-            chunks.append(self.engine.run({self.engine.input_names[0]: batch})[0])
-        return np.concatenate(chunks)
+            outputs.append(self.engine.run({self.engine.input_names[0]: batch})[0])
+        return np.concatenate(outputs)
 
     def predict(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5,
                 batch_size: int = 64) -> list[Classification]:
@@ -116,11 +120,7 @@ class Segmenter(Predictor):
 
     def masks(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Class masks for a uint8 ``NxHxW[xC]`` batch of same-size images."""
-        items = split_items(images)
-        out = []
-        for start in range(0, len(items), batch_size):
-            out.append(self._masks(items[start:start + batch_size]))
-        return np.concatenate(out)
+        return np.concatenate([self._masks(part) for part in self._chunks(images, batch_size)])
 
     def _masks(self, items: list[ImageLike]) -> np.ndarray:
         batch = preprocess(items, self.info.preprocessing)
@@ -135,13 +135,10 @@ class Segmenter(Predictor):
         Returns:
             One :class:`Segmentation` per image, in order.
         """
-        items = split_items(images)
-        if not items:
-            raise InputError("no images given")
         labels = self.info.labels
         results = []
-        for i, item in enumerate(items):
-            mask = self._masks([item])[0]
+        for part in self._chunks(images, 1):  # one at a time: each image keeps its own size
+            mask = self._masks(part)[0]
             counts = np.bincount(mask.ravel(), minlength=len(labels))
             shares = {labels[k] if k < len(labels) else str(k): float(c / mask.size) for k, c in enumerate(counts)}
             results.append(Segmentation(mask=mask, shares=shares))
