@@ -108,7 +108,11 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
     from dlpipe.training.train import TrainConfig, main
 
     result = main(TrainConfig(model=model, progress=not no_progress, **opts))
-    human = (f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}\n"
+    # segmentation selects its best checkpoint on mean IoU, classification on accuracy
+    scores = (f"best validation mean IoU {result['best_val_acc']:.4f}, test mean IoU {result['test_miou']:.4f}, "
+              f"test pixel accuracy {result['test_acc']:.4f}" if result.get("test_miou") is not None else
+              f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}")
+    human = (f"{scores}\n"
              f"checkpoint: {result['best']}\nnext: dlpipe export {result['best']} --out model.onnx")
     emit(result, as_json, human)
 
