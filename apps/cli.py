@@ -91,15 +91,20 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--init", default=None, help="Weight init: default, he, xavier or lecun.")
 @click.option("--batch-norm/--no-batch-norm", default=None, help="Insert batch normalisation (model default).")
 @click.option("--schedule", default="none", show_default=True, help="none, step, cosine or onecycle.")
-@click.option("--augment", default="none", show_default=True, help="none, shift, affine or crop.")
+@click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--patience", type=int, default=0, show_default=True, help="Early stopping patience (0: off).")
 @click.option("--limit", type=int, default=None, help="Train on the first N images only.")
+@click.option("--test-limit", type=int, default=None, help="Score the test split's first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
 @click.option("--download", is_flag=True, help="Let torchvision download a missing dataset.")
+@click.option("--env", default=None, help="DQN models: gymnasium environment id (CartPole-v1, ALE/Pong-v5...).")
+@click.option("--total-steps", type=int, default=None, help="DQN models: environment steps.")
+@click.option("--buffer-size", type=int, default=None, help="DQN models: replay buffer capacity.")
+@click.option("--double-dqn", is_flag=True, default=None, help="DQN models: Double DQN targets.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @DATA_DIR
 @JSON
@@ -107,14 +112,79 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
     """Train MODEL; writes best.pt, last.pt and metrics.jsonl to --out."""
     from dlpipe.training.train import TrainConfig, main
 
+    rl_opts = {k: opts.pop(k) for k in ("env", "total_steps", "buffer_size", "double_dqn")}
+    if model.startswith("dqn-"):  # reinforcement learning (issue 5): an environment instead of a dataset
+        from dlpipe.training.dqn import train_command
+
+        result, human = train_command(model, progress=not no_progress, **rl_opts, **opts)
+        return emit(result, as_json, human)
+    if any(v not in (None, False) for v in rl_opts.values()):
+        raise click.UsageError("--env, --total-steps, --buffer-size and --double-dqn are for DQN models (dqn-...)")
     result = main(TrainConfig(model=model, progress=not no_progress, **opts))
-    # segmentation selects its best checkpoint on mean IoU, classification on accuracy
-    scores = (f"best validation mean IoU {result['best_val_acc']:.4f}, test mean IoU {result['test_miou']:.4f}, "
-              f"test pixel accuracy {result['test_acc']:.4f}" if result.get("test_miou") is not None else
-              f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}")
+    if "test_bleu" in result:  # captioning (issue 4): BLEU-4 and exact sentences, a package folder to export to
+        return emit(result, as_json, f"best validation BLEU-4 {result['best_val_bleu']:.4f}, test BLEU-4 "
+                    f"{result['test_bleu']:.4f} greedy / {result['test_beam_bleu']:.4f} beam {result['beam']} (exact "
+                    f"{result['test_exact']:.2%} / {result['test_beam_exact']:.2%})\ncheckpoint: {result['best']}\n"
+                    f"next: dlpipe export {result['best']} --out captioner/manifest.json")
+    if result.get("task") == "detection":  # selected on validation mAP@0.5 (pycocotools)
+        scores = (f"best validation mAP@0.5 {result['best_val_map50']:.4f}, test mAP@0.5 {result['test_map50']:.4f}, "
+                  f"test mAP@[.5:.95] {result['test_map']:.4f}")
+    elif result.get("test_miou") is not None:
+        scores = (f"best validation mean IoU {result['best_val_acc']:.4f}, test mean IoU {result['test_miou']:.4f}, "
+                  f"test pixel accuracy {result['test_acc']:.4f}")
+    else:
+        scores = f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}"
     human = (f"{scores}\n"
              f"checkpoint: {result['best']}\nnext: dlpipe export {result['best']} --out model.onnx")
     emit(result, as_json, human)
+
+
+@cli.command("finetune")
+@click.option("--from", "source", required=True,
+              help="A dlpipe classifier checkpoint, or torchvision:ARCH[:WEIGHTS] (e.g. torchvision:resnet18:DEFAULT, "
+                   "read from the local torch cache, never downloaded; or torchvision:ARCH:FILE.pth).")
+@click.option("--data", required=True, help="An image folder (one sub-folder per class) or a registered dataset.")
+@click.option("--out", default="runs/finetune", show_default=True, type=click.Path(file_okay=False))
+@click.option("--per-class", type=int, default=None, help="At most N labelled images per class (few-shot).")
+@click.option("--freeze", default="none", show_default=True,
+              help="backbone (head only), none, or N (the first N backbone layers).")
+@click.option("--head-epochs", type=int, default=2, show_default=True, help="Epochs training the new head alone.")
+@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs after that, frozen as --freeze says.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Backbone learning rate.")
+@click.option("--head-lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
+@click.option("--optimizer", default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--schedule", default="cosine", show_default=True, help="none, step or cosine (per stage).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
+@click.option("--image-size", type=int, default=None, help="Input size for torchvision sources (default: 224).")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Held out from each class.")
+@click.option("--test-limit", type=int, default=None, help="Registered datasets: first N test images only.")
+@click.option("--scratch", is_flag=True, help="Baseline: the same network, images and budget from random weights.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@DATA_DIR
+@JSON
+def finetune_cmd(as_json, no_progress, **opts) -> None:
+    """Fine-tune a pretrained classifier on your images; writes a checkpoint 'dlpipe export' takes."""
+    from dlpipe.training.finetune import FinetuneConfig, main
+
+    r = main(FinetuneConfig(progress=not no_progress, **opts))
+    split = r["per_class_split"]
+    before = r["head_only"] or {}
+    rows = [[f"{split} accuracy", f"{100 * before[f'{split}_acc']:.2f}%" if before else None,
+             f"{100 * r['after'][f'{split}_acc']:.2f}%"]]
+    human = (f"{r['source']} -> {len(r['labels'])} classes of {r['dataset']} ({r['images']['train']} training, "
+             f"{r['images']['val']} validation images; head '{r['head']}', {r['frozen_layers']} of "
+             f"{r['backbone_layers']} backbone layers frozen)\n"
+             + table(rows, ["", "head only", "fine-tuned"]) + f"\n\nper-class {split} accuracy:\n"
+             + table([[k, f"{100 * v:.1f}%" if v is not None else None] for k, v in r["per_class_accuracy"].items()],
+                     ["class", "accuracy"])
+             + f"\n\ncheckpoint: {r['best']}\nnext: {r['export_command']}")
+    if Path(r["dataset"]).is_dir():  # quantize and evaluate default to the model's dataset: this folder
+        human += "\nthen: dlpipe quantize MODEL.onnx --to int8; dlpipe evaluate MODEL.onnx --dataset HELD_OUT_FOLDER"
+    emit(r, as_json, human)
 
 
 @cli.command("export")
@@ -204,15 +274,28 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
     from dlpipe.training.evaluate import evaluate_onnx
 
     reports = [evaluate_onnx(m, dataset, split, limit, data_dir, device) for m in models]
-    rows = [[r["model"], r["precision"], r["dataset"], r["images"], f"{100 * r['accuracy']:.2f}%",
-             f"{r['miou']:.4f}" if "miou" in r else None] for r in reports]
-    human = table(rows, ["model", "precision", "dataset", "images", "accuracy (pixel acc.)", "mean IoU"])
+    rows = [[r["model"], r["precision"], r["dataset"], r["images"], _scores(r)] for r in reports]
+    human = table(rows, ["model", "precision", "dataset", "images", "task metrics"])
     if confusion:
         for r in reports:
+            if "confusion" not in r:
+                continue
             labels = [lbl[:6] for lbl in r["labels"]] or [str(i) for i in range(len(r["confusion"]))]
             human += f"\n\nconfusion matrix of {r['model']} (rows: true, columns: predicted)\n"
             human += table([[labels[i], *row] for i, row in enumerate(r["confusion"])], ["", *labels])
     emit(reports, as_json, human)
+
+
+def _scores(report: dict) -> str:
+    """The task metrics of one evaluation report, in words."""
+    if "map50" in report:
+        return f"mAP@0.5 {report['map50']:.4f}, mAP@[.5:.95] {report['map']:.4f}"
+    if "bleu" in report:
+        exact = f", exact sentences {100 * report['accuracy']:.1f}%" if "accuracy" in report else ""
+        return f"BLEU-4 {report['bleu']:.4f}{exact}"
+    if "miou" in report:
+        return f"mean IoU {report['miou']:.4f}, pixel accuracy {100 * report['accuracy']:.2f}%"
+    return f"accuracy {100 * report['accuracy']:.2f}%"
 
 
 @cli.command("bench")
@@ -277,6 +360,64 @@ def segment_cmd(model, images, out, device, as_json) -> None:
     emit(results, as_json, table(rows, ["image", *labels]) + f"\n\nwrote overlays and masks to {out}")
 
 
+@cli.command("detect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Smallest score reported.")
+@DEVICE
+@JSON
+def detect_cmd(model, images, out, threshold, device, as_json) -> None:
+    """Detect objects in IMAGES: write IMAGE_boxes.png (boxes drawn) and IMAGE_boxes.json to --out."""
+    from dlpipe.apps.detect import detect_images
+
+    results = detect_images(model, list(images), out, threshold=threshold, device=device)
+    rows = [[Path(r["image"]).name, d["label"], f"{d['score']:.2f}", ", ".join(f"{v:.0f}" for v in d["box"])]
+            for r in results for d in r["detections"]]
+    counts = ", ".join(f"{Path(r['image']).name}: {len(r['detections'])}" for r in results)
+    emit(results, as_json, table(rows, ["image", "label", "score", "box (x0, y0, x1, y1)"])
+         + f"\n\ndetections per image: {counts}\nwrote drawn images and JSON to {out}")
+
+
+@cli.command("play")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--env", "env_id", default=None, help="Gymnasium environment id (default: the one in the model).")
+@click.option("--episodes", type=int, default=10, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Episode i is reset with seed + i.")
+@click.option("--epsilon", type=float, default=0.0, show_default=True, help="Share of random actions.")
+@click.option("--max-steps", type=int, default=None, help="Cap on an episode's length.")
+@click.option("--record", type=click.Path(dir_okay=False), default=None, help="Write the first episode as a GIF.")
+@DEVICE
+@JSON
+def play_cmd(model, env_id, episodes, seed, epsilon, max_steps, record, device, as_json) -> None:
+    """Play a DQN policy (ONNX, any precision) in its environment; report mean ± std return."""
+    from dlpipe.apps.play import play
+
+    r = play(model, env_id, episodes=episodes, seed=seed, epsilon=epsilon, max_steps=max_steps, record=record,
+             device=device)
+    human = (f"{r['env']}, {r['precision']} policy, {r['episodes']} episodes: return {r['mean_return']:.1f} ± "
+             f"{r['std_return']:.1f} (min {r['min_return']:.0f}, max {r['max_return']:.0f}), "
+             f"{r['policy_ms_per_step']:.3f} ms per action" + (f"\nrecorded the first episode to {record}" if record else ""))
+    emit(r, as_json, human)
+
+
+@cli.command("caption")
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--beam", type=click.IntRange(min=1), default=None,
+              help="Beam width (1: greedy). Default: the package's.")
+@DEVICE
+@JSON
+def caption_cmd(model, images, beam, device, as_json) -> None:
+    """One caption per IMAGE (PNG/JPEG, any size or mode) from a captioner package (folder or manifest)."""
+    from dlpipe.apps.caption import caption_images
+
+    results = caption_images(model, list(images), beam=beam, device=device)
+    rows = [[Path(r["image"]).name, r["caption"], f"{r['score']:.3f}"] for r in results]
+    emit(results, as_json, table(rows, ["image", "caption", "score (log-prob / length^a)"]))
+
+
 @cli.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--dataset", default=None,
@@ -300,8 +441,18 @@ def demo_cmd(out, dataset, model, epochs, quick, data_dir, as_json) -> None:
              + "\n\nsample classifications (int8):\n"
              + table([[c["image"], c["truth"], c["label"], f"{c['score']:.3f}"] for c in summary["samples"]],
                      ["image", "truth", "predicted", "prob"])
+             + _task_table(summary.get("tasks", []))
              + f"\n\nartifacts in {summary['out']}")
     emit(summary, as_json, human)
+
+
+def _task_table(tasks: list[dict]) -> str:
+    """The demo's other tasks: one row each, the task metric of every variant and what the app wrote."""
+    if not tasks:
+        return ""
+    rows = [[t["task"], t["model"], t["metric"],
+             ", ".join(f"{k} {v:.3g}" for k, v in t["scores"].items() if v is not None), t["sample"]] for t in tasks]
+    return "\n\nother tasks:\n" + table(rows, ["task", "model", "metric", "results", "app"])
 
 
 def main() -> None:

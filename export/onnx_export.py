@@ -21,6 +21,7 @@ from torch import nn
 from dlpipe.export.metadata import build_metadata, write_metadata
 from dlpipe.export.validate import ParityResult, validate_parity
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
+from dlpipe.runtime.files import publish
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.registry import OnnxContract, get_spec
 
@@ -105,7 +106,7 @@ def export_module(module: nn.Module, example: tuple[torch.Tensor, ...], out: str
         write_metadata(model, metadata)
         onnx.save(model, str(tmp))
         parity = validate_parity(tmp, module, check_inputs, list(contract.outputs), contract.atol, contract.rtol)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -130,14 +131,33 @@ def _check_batches(examples: torch.Tensor, dynamic_batch: bool,
     return example, checks
 
 
+def _check_images(examples: torch.Tensor) -> tuple[tuple, list[tuple]]:
+    """Single-image models (detectors): export on one real image, check on another at its own size and on
+    a third resized to another height and width."""
+    if len(examples) < 3:
+        raise ModelFileError("the checkpoint holds fewer than 3 example images; cannot prove parity")
+    h, w = examples.shape[-2:]
+    other = torch.nn.functional.interpolate(examples[2:3], size=(h + h // 2, w + w // 4), mode="bilinear",
+                                            align_corners=False)[0]
+    return (examples[0],), [(examples[1],), (other,)]
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
                       exporter: str | None = None) -> ExportReport:
     """Export a dlpipe training checkpoint (any registered model) to a self-describing ONNX file."""
     ckpt = load_checkpoint(checkpoint)
     spec = get_spec(ckpt["model"])
+    if spec.task == "captioning":  # two graphs and a manifest in a package folder (issue 4)
+        from dlpipe.export.captioner import export_captioner
+
+        return export_captioner(checkpoint, out, opset=opset, exporter=exporter)
     module = model_from_checkpoint(ckpt)
     contract = spec.contract
-    example, checks = _check_batches(ckpt["examples"], dynamic_batch, contract.dynamic_size, contract.size_multiple)
+    if spec.task == "detection":  # one CHW image in, a variable number of detections out
+        example, checks = _check_images(ckpt["examples"])
+    else:
+        example, checks = _check_batches(ckpt["examples"], dynamic_batch, contract.dynamic_size,
+                                         contract.size_multiple)
     ds = ckpt["dataset"]
     preprocessing = {**ds["preprocessing"], "size_multiple": contract.size_multiple}
     meta = build_metadata(task=spec.task, model=spec.name, labels=list(ds["labels"]),
@@ -145,6 +165,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | N
                           outputs=list(spec.contract.outputs), dynamic_axes=_axes(spec.contract, dynamic_batch),
                           dataset=ds["name"], metrics=dict(ckpt.get("metrics", {})))
     meta["model_args"] = ckpt["model_args"]
+    if "environment" in ckpt:  # DQN policies: the environment id, observation shape and actions (issue 5)
+        meta["environment"] = ckpt["environment"]
     return export_module(module, example, out, contract=spec.contract, metadata=meta, check_inputs=checks,
                          opset=opset, dynamic_batch=dynamic_batch, exporter=exporter or spec.contract.exporter,
                          name=spec.name)

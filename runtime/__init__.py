@@ -6,13 +6,16 @@ Example:
     >>> clf.predict("digit.png", top_k=3)[0].label
 """
 
+from dlpipe.runtime.captioner import Caption, Captioner
 from dlpipe.runtime.engine import Engine, available_devices
 from dlpipe.runtime.errors import (DataNotFoundError, DeviceUnavailableError, DlpipeError, InputError,
                                    ModelFileError)
 from dlpipe.runtime.metadata import ModelInfo, read_metadata
-from dlpipe.runtime.predictors import Classification, Classifier, Segmentation, Segmenter, load
+from dlpipe.runtime.policy import Policy, PolicyOutput
+from dlpipe.runtime.predictors import (Classification, Classifier, Detection, Detector, Segmentation, Segmenter,
+                                       load)
 
 __all__ = [
-    "Engine", "available_devices", "load", "Classifier", "Classification", "Segmenter", "Segmentation", "ModelInfo", "read_metadata",
+    "Engine", "available_devices", "load", "Captioner", "Caption", "Classifier", "Classification", "Segmenter", "Segmentation", "Detector", "Detection", "Policy", "PolicyOutput", "ModelInfo", "read_metadata",
     "DlpipeError", "InputError", "ModelFileError", "DeviceUnavailableError", "DataNotFoundError",
 ]

@@ -9,10 +9,12 @@ from typing import Iterable
 
 import numpy as np
 
+from dlpipe.runtime.captioner import is_package, load_package
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError
 from dlpipe.runtime.images import ImageLike, pad_to_multiple, preprocess, split_items, to_pil
 from dlpipe.runtime.metadata import ModelInfo
+from dlpipe.runtime.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,77 @@ class Segmenter(Predictor):
         return results
 
 
-PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier, "segmentation": Segmenter}
+@dataclass(frozen=True)
+class Detection:
+    """One detected object: class name and id, confidence, and box ``(x0, y0, x1, y1)`` in the image's pixels."""
+
+    label: str
+    index: int
+    score: float
+    box: tuple[float, float, float, float]
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "index": self.index, "score": round(self.score, 4),
+                "box": [round(v, 2) for v in self.box]}
+
+
+def draw_detections(image: ImageLike, detections: list[Detection], width: int | None = None):
+    """``image`` as an RGB PIL image with each detection's box, label and score drawn on it."""
+    from PIL import ImageDraw
+
+    canvas = to_pil(image, "image").convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    line = width or max(1, round(min(canvas.size) / 160))
+    for d in detections:
+        colour = tuple(int(c) for c in PALETTE[1 + d.index % (len(PALETTE) - 1)])
+        draw.rectangle(d.box, outline=colour, width=line)
+        text = f"{d.label} {d.score:.2f}"
+        left, top = d.box[0], max(0.0, d.box[1] - 11)
+        tw = draw.textlength(text)
+        draw.rectangle((left, top, left + tw + 2, top + 11), fill=colour)
+        draw.text((left + 1, top), text, fill=(0, 0, 0) if sum(colour) > 400 else (255, 255, 255))
+    return canvas
+
+
+class Detector(Predictor):
+    """Object detection: images of any size in, a list of :class:`Detection` per image out.
+
+    The exported detector takes one ``CxHxW`` image in [0, 1] and does its own resizing, normalisation,
+    region proposals, box decoding and non-maximum suppression; boxes come back in the image's pixels.
+    """
+
+    task = "detection"
+
+    def raw(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(boxes Kx4, labels K, scores K)`` for one image, everything the model returned."""
+        chw = preprocess([image], self.info.preprocessing)[0]
+        boxes, labels, scores = self.engine.run({self.engine.input_names[0]: chw})[:3]
+        return boxes, labels, scores
+
+    def predict(self, images: ImageLike | Iterable[ImageLike], threshold: float = 0.5) -> list[list[Detection]]:
+        """Detect objects in images (paths, PIL images or arrays, each at its own size).
+
+        Args:
+            threshold: Smallest score kept.
+
+        Returns:
+            One list of :class:`Detection` per image, best score first.
+        """
+        if not 0 <= threshold <= 1:
+            raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+        names = self.info.labels
+        results = []
+        for part in self._chunks(images, 1):  # the graph takes one image at a time, at its own size
+            boxes, labels, scores = self.raw(part[0])
+            keep = np.argsort(-scores)
+            results.append([Detection(label=names[k] if k < len(names) else str(k), index=int(k), score=float(s),
+                                      box=tuple(float(v) for v in b))
+                            for b, k, s in zip(boxes[keep], labels[keep], scores[keep]) if s >= threshold])
+        return results
+
+
+PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier, "segmentation": Segmenter,
+                                          "detection": Detector, "control": Policy}
 
 
 def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Predictor:
@@ -155,6 +227,8 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None) -> 
         ModelFileError: missing/corrupt file, no dlpipe metadata, or a task this version cannot serve.
         DeviceUnavailableError: ``device='cuda'`` that cannot run here.
     """
+    if is_package(path):  # a model package of several graphs: a folder or its manifest (issue 4)
+        return load_package(path, device=device, threads=threads)
     engine = Engine(path, device=device, threads=threads)
     if engine.info is None:
         raise ModelFileError(f"'{path}' has no dlpipe metadata (not written by 'dlpipe export'); "

@@ -71,8 +71,28 @@ def test_a_few_steps_lower_the_segmentation_loss():
 def test_model_and_dataset_tasks_must_match():
     with pytest.raises(InputError, match="is a classification model but dataset 'shapes-scenes'"):
         main(TrainConfig(model="lenet5", dataset="shapes-scenes"))
-    with pytest.raises(InputError, match="not supported yet"):
-        main(TrainConfig(model="fcn8s", augment="shift"))
+
+
+@pytest.mark.parametrize("augment", ["flip", "affine"])
+def test_augmentation_moves_the_mask_with_its_image(augment):
+    info = datasets.get_dataset("shapes-scenes")
+    images, masks = datasets.load_split("shapes-scenes", "train", limit=16)
+    ds = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(masks), info,
+                                     datasets.augmentation(augment, info.image_size))
+    torch.manual_seed(1)
+    x, y = ds.__getitems__(list(range(16)))
+    assert x.shape == (16, 3, 64, 64) and y.shape == (16, 64, 64) and y.dtype == torch.int64
+    assert not torch.equal(y, torch.from_numpy(masks).long())  # something moved
+    assert set(y.unique().tolist()) <= set(range(len(info.labels)))  # nearest-neighbour: still class ids
+    plain = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(masks), info)
+    agree = []
+    for i in range(16):
+        ref_x, ref_y = plain[i]
+        for cand_x, cand_y in ((ref_x, ref_y), (ref_x.flip(-1), ref_y.flip(-1))):
+            if torch.equal(x[i], cand_x):
+                agree.append(torch.equal(y[i], cand_y))
+    if augment == "flip":
+        assert len(agree) == 16 and all(agree)  # every image is either itself or mirrored, with its mask
 
 
 def test_segmenter_keeps_each_images_size(fcn_onnx, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dlpipe.runtime.errors import ModelFileError
+from dlpipe.runtime.files import publish
 from dlpipe.training.registry import get_spec
 
 FORMAT = "dlpipe.checkpoint"
@@ -27,7 +28,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     os.close(fd)
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

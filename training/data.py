@@ -13,10 +13,11 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dlpipe.runtime.errors import DataNotFoundError, InputError
-from dlpipe.training.shapes import KINDS, ShapesWorld
+from dlpipe.training.shapes import KINDS, ShapesWorld, boxes_from_instances
 
 SHAPES_SEED = 20240601
 SHAPES_TRAIN, SHAPES_TEST = 12_000, 2_000
@@ -36,8 +37,9 @@ class DatasetInfo:
         std: Per-channel standard deviation, same scale.
         labels: Class names, index = class id.
         loader: ``loader(split, root, download, limit)`` -> ``(uint8 images NxHxW[xC], labels)``: int64
-            class ids for classification, ``NxHxW`` uint8 class masks for segmentation.
-        task: ``classification`` or ``segmentation``.
+            class ids for classification, ``NxHxW`` uint8 class masks for segmentation, and for detection
+            one ``{"boxes": Kx4 float32 x0,y0,x1,y1, "labels": K int64 (0 is the background)}`` dict per image.
+        task: ``classification``, ``segmentation`` or ``detection``.
     """
 
     name: str
@@ -50,8 +52,12 @@ class DatasetInfo:
     task: str = "classification"
 
     def preprocessing(self) -> dict:
-        """The preprocessing contract written into checkpoints and ONNX metadata (segmentation keeps the
-        image's own size)."""
+        """The preprocessing contract written into checkpoints and ONNX metadata (segmentation and
+        detection keep the image's own size; a detector takes one CHW image in [0, 1] and normalises
+        inside, with ``mean``/``std`` given to the model)."""
+        if self.task == "detection":
+            return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": "none",
+                    "scale": 1 / 255, "mean": [0.0] * self.channels, "std": [1.0] * self.channels, "layout": "CHW"}
         resize = "none" if self.task == "segmentation" else "bilinear"
         return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": resize,
                 "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "layout": "NCHW"}
@@ -99,21 +105,25 @@ def _scenes_loader(split: str, root: Path, download: bool, limit: int | None) ->
 
 
 def digit_scenes(digits: np.ndarray, labels: np.ndarray, count: int, seed: int, size: int = 64,
-                 per_scene: tuple[int, int] = (1, 3)) -> tuple[np.ndarray, np.ndarray]:
+                 per_scene: tuple[int, int] = (1, 3), with_boxes: bool = False):
     """Scenes of real MNIST strokes: 1-3 digits pasted at random scales and places on a ``size`` canvas,
     overlapping little (the place is redrawn up to 10 times while it would cover 5% of earlier strokes).
 
     Returns:
         ``(images, masks)``: ``N x size x size`` uint8 images and masks holding ``1 + digit`` on the strokes
-        (pixels above 96/255; a later digit covers an earlier one) and 0 elsewhere.
+        (pixels above 96/255; a later digit covers an earlier one) and 0 elsewhere; with ``with_boxes``
+        also one ``{"boxes", "labels"}`` dict per image (the visible strokes' boxes, labels ``1 + digit``).
     """
     from PIL import Image
 
     images = np.zeros((count, size, size), dtype=np.uint8)
     masks = np.zeros((count, size, size), dtype=np.uint8)
+    targets = []
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        for _ in range(int(rng.integers(per_scene[0], per_scene[1] + 1))):
+        instances = np.zeros((size, size), dtype=np.uint8)
+        classes = []
+        for j in range(int(rng.integers(per_scene[0], per_scene[1] + 1))):
             k = int(rng.integers(len(digits)))
             side = int(rng.integers(20, 41))
             glyph = np.asarray(Image.fromarray(digits[k]).resize((side, side), Image.Resampling.BILINEAR))
@@ -125,7 +135,11 @@ def digit_scenes(digits: np.ndarray, labels: np.ndarray, count: int, seed: int, 
             window = images[i, y:y + side, x:x + side]
             np.maximum(window, glyph, out=window)
             masks[i, y:y + side, x:x + side][strokes] = labels[k] + 1
-    return images, masks
+            instances[y:y + side, x:x + side][strokes] = j + 1
+            classes.append(int(labels[k]) + 1)
+        if with_boxes:
+            targets.append(boxes_from_instances(instances, np.array(classes, dtype=np.int64)))
+    return (images, masks, targets) if with_boxes else (images, masks)
 
 
 def _digit_scenes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -133,6 +147,23 @@ def _digit_scenes_loader(split: str, root: Path, download: bool, limit: int | No
     count = count if limit is None else min(limit, count)
     digits, labels = _torchvision_loader("MNIST")(split, root, download, None)
     return digit_scenes(digits, labels, count, seed=SHAPES_SEED + (2 if split == "train" else 3))
+
+
+def _boxes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, list[dict]]:
+    del root, download
+    world = ShapesWorld(seed=SHAPES_SEED + 4, image_size=64, shapes_per_scene=(1, 5), radius=(0.12, 0.25))
+    count = SCENES_TRAIN if split == "train" else SCENES_TEST
+    count = count if limit is None else min(limit, count)
+    return world.detection_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
+
+
+def _digit_boxes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, list[dict]]:
+    count = SCENES_TRAIN if split == "train" else SCENES_TEST
+    count = count if limit is None else min(limit, count)
+    digits, labels = _torchvision_loader("MNIST")(split, root, download, None)
+    images, _, targets = digit_scenes(digits, labels, count, seed=SHAPES_SEED + (5 if split == "train" else 6),
+                                      with_boxes=True)
+    return images, targets
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -147,12 +178,21 @@ DATASETS: dict[str, DatasetInfo] = {
                     _scenes_loader, task="segmentation"),
         DatasetInfo("mnist-scenes", 1, (64, 64), (0.08,), (0.25,), ("background", *(str(i) for i in range(10))),
                     _digit_scenes_loader, task="segmentation"),
+        DatasetInfo("shapes-boxes", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("background", *KINDS),
+                    _boxes_loader, task="detection"),
+        DatasetInfo("mnist-boxes", 1, (64, 64), (0.08,), (0.25,), ("background", *(str(i) for i in range(10))),
+                    _digit_boxes_loader, task="detection"),
     ]
 }
 
 
 def get_dataset(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` called ``name``."""
+    """The :class:`DatasetInfo` called ``name``, or of a user's own data: ``voc-seg:ROOT``, ``voc-det:ROOT``
+    or ``coco:ROOT`` (see :mod:`dlpipe.training.user_data`)."""
+    if ":" in name:
+        from dlpipe.training.user_data import user_dataset
+
+        return user_dataset(name)
     try:
         return DATASETS[name]
     except KeyError:
@@ -183,11 +223,12 @@ def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-AUGMENTATIONS = ("none", "shift", "affine", "crop")
+AUGMENTATIONS = ("none", "shift", "affine", "crop", "flip")
 
 
 def augmentation(name: str, image_size: tuple[int, int]) -> v2.Transform | None:
-    """Per-image augmentation by name: random shift, shift+rotation+scale, or padded random crop."""
+    """Per-image augmentation by name: random shift, shift+rotation+scale, padded random crop, or
+    horizontal flip."""
     if name == "none":
         return None
     if name == "shift":
@@ -196,11 +237,14 @@ def augmentation(name: str, image_size: tuple[int, int]) -> v2.Transform | None:
         return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
     if name == "crop":
         return v2.RandomCrop(image_size, padding=2)
+    if name == "flip":
+        return v2.RandomHorizontalFlip()
     raise InputError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
 
 
 class ImageTensorDataset(Dataset):
-    """In-memory uint8 images, normalised per batch; optional per-image torchvision v2 augmentation.
+    """In-memory uint8 images, normalised per batch; optional per-image torchvision v2 augmentation
+    (applied to an image and its segmentation mask together, as ``tv_tensors.Image``/``Mask``).
 
     It implements ``__getitems__`` so a DataLoader fetches a whole batch in one call (no per-item
     collation), which keeps the training loop close to a bare tensor loop.
@@ -219,10 +263,14 @@ class ImageTensorDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
-        batch = self.images[idx]
-        if self.transform is not None:
+        batch, labels = self.images[idx], self.labels[idx]
+        if self.transform is not None and labels.ndim == 3:  # segmentation: the mask moves with its image
+            pairs = [self.transform(tv_tensors.Image(img), tv_tensors.Mask(mask)) for img, mask in zip(batch, labels)]
+            batch = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
+            labels = torch.stack([mask.as_subclass(torch.Tensor) for _, mask in pairs])
+        elif self.transform is not None:
             batch = torch.stack([self.transform(img) for img in batch])
-        return normalize(batch, self.info), self.labels[idx].long()
+        return normalize(batch, self.info), labels.long()
 
 
 def batch_collate(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

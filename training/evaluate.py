@@ -13,7 +13,7 @@ import torch
 from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.predictors import Classifier, Segmenter, load
+from dlpipe.runtime.predictors import Classifier, Detector, Segmenter, load
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.data import load_split
 from dlpipe.training.train import mean_iou
@@ -24,16 +24,27 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
     """Accuracy, per-class accuracy and confusion matrix of a classifier ONNX model on a dataset split,
     run through the runtime's own preprocessing from raw images."""
     predictor = load(model, device=device)
+    if getattr(predictor, "task", None) == "captioning":  # BLEU-4 and exact matches of a captioner package (issue 4)
+        from dlpipe.training.captioning import evaluate_captioner
+
+        return evaluate_captioner(predictor, dataset, split, limit)
     if isinstance(predictor, Segmenter):
         return _evaluate_segmenter(predictor, model, dataset, split, limit, data_dir)
+    if isinstance(predictor, Detector):
+        return _evaluate_detector(predictor, model, dataset, split, limit, data_dir)
     if not isinstance(predictor, Classifier):
-        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification "
-                             "and segmentation")
+        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification, "
+                             "segmentation and detection")
     info = predictor.info
     dataset = dataset or info.raw.get("dataset")
     if not dataset:
         raise InputError(f"'{model}' does not name its dataset; pass --dataset")
-    images, labels = load_split(dataset, split, data_dir, limit)
+    if Path(dataset).is_dir():  # an image folder, one sub-folder per class (issue 6)
+        from dlpipe.training.finetune import folder_images
+
+        images, labels = folder_images(dataset, info.labels, limit)
+    else:
+        images, labels = load_split(dataset, split, data_dir, limit)
     if len(info.labels) and labels.max() >= len(info.labels):
         raise InputError(f"dataset {dataset!r} has labels up to {labels.max()}, '{model}' knows {len(info.labels)} "
                          "classes")
@@ -76,6 +87,26 @@ def _evaluate_segmenter(predictor: Segmenter, model, dataset, split, limit, data
             "providers": predictor.engine.providers}
 
 
+def _evaluate_detector(predictor: Detector, model, dataset, split, limit, data_dir) -> dict[str, Any]:
+    """COCO mAP@0.5 and mAP@[.5:.95] (pycocotools) of a detector, every detection it returns scored."""
+    from dlpipe.training.detection import coco_metrics
+
+    info = predictor.info
+    dataset = dataset or info.raw.get("dataset")
+    if not dataset:
+        raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    images, targets = load_split(dataset, split, data_dir, limit)
+    if not isinstance(targets, list):
+        raise InputError(f"dataset {dataset!r} has no boxes")
+    start = time.perf_counter()
+    predictions = [dict(zip(("boxes", "labels", "scores"), predictor.raw(image))) for image in images]
+    seconds = time.perf_counter() - start
+    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
+            "images": int(len(images)), **coco_metrics(targets, predictions, info.labels),
+            "objects": int(sum(len(t["labels"]) for t in targets)), "labels": list(info.labels), "seconds": seconds,
+            "providers": predictor.engine.providers}
+
+
 def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), checkpoint: str | Path | None = None,
               warmup: int = 10, iters: int = 100, threads: int | None = None,
               device: str = "cpu") -> list[LatencyStats]:
@@ -93,6 +124,9 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
             torch.set_num_threads(threads)
         module = model_from_checkpoint(load_checkpoint(checkpoint))
     results: list[LatencyStats] = []
+    if any(e.info is not None and e.info.task == "detection" for e in engines.values()) or (
+            module is not None and load_checkpoint(checkpoint).get("task") == "detection"):
+        batches = [1]  # detectors take one image at a time
     for batch in batches:
         runners = {}
         reference = None

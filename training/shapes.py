@@ -167,6 +167,22 @@ class ShapesWorld:
             draw.polygon(shape.polygon(), fill=i + 1)
         return np.asarray(mask, dtype=np.uint8)
 
+    def detection_set(self, count: int, start: int = 0, min_pixels: int = 12) -> tuple[np.ndarray, list[dict]]:
+        """``count`` scenes with the boxes and labels of their visible shapes, scenes ``start .. start+count-1``.
+
+        Returns:
+            ``(images, targets)``: ``N x H x W x 3`` uint8 and one ``{"boxes", "labels"}`` dict per image
+            (see :func:`boxes_from_instances`; labels are ``1 + kind index``, 0 being the background).
+        """
+        images = np.empty((count, *self.size, 3), dtype=np.uint8)
+        targets = []
+        for i in range(count):
+            scene = self.scene(start + i)
+            images[i] = self.render(scene)[0]
+            classes = np.array([s.label + 1 for s in scene.shapes], dtype=np.int64)
+            targets.append(boxes_from_instances(self.instance_mask(scene), classes, min_pixels))
+        return images, targets
+
     def classification_set(self, count: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """``count`` one-shape images with their kind labels, scenes ``start .. start+count-1``.
 
@@ -192,3 +208,23 @@ class ShapesWorld:
         for i in range(count):
             images[i], masks[i] = self.render(self.scene(start + i))
         return images, masks
+
+
+def boxes_from_instances(instances: np.ndarray, classes: np.ndarray, min_pixels: int = 12) -> dict[str, np.ndarray]:
+    """Boxes of the visible part of each instance (COCO's convention), from an instance mask.
+
+    Args:
+        instances: ``HxW`` mask holding ``i + 1`` on the pixels of instance ``i``.
+        classes: Class id of each instance.
+        min_pixels: Instances hidden behind others down to fewer visible pixels are left out.
+
+    Returns:
+        ``{"boxes": K x 4 float32 (x0, y0, x1, y1), pixel edges, "labels": K int64}``.
+    """
+    boxes, labels = [], []
+    for i, cls in enumerate(classes):
+        ys, xs = np.nonzero(instances == i + 1)
+        if len(xs) >= min_pixels:
+            boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+            labels.append(cls)
+    return {"boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4), "labels": np.array(labels, dtype=np.int64)}

@@ -103,8 +103,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     info = datasets.get_dataset(out.dataset)
     if info.task != spec.task:
         raise InputError(f"{out.model} is a {spec.task} model but dataset {out.dataset!r} is for {info.task}")
-    if info.task == "segmentation" and out.augment != "none":
-        raise InputError("augmentation of segmentation data (image and mask together) is not supported yet")
+    if info.task == "detection" and out.augment not in ("none", "flip"):
+        raise InputError(f"detection supports --augment none or flip (boxes follow the image), not {out.augment!r}")
     return out
 
 
@@ -232,8 +232,16 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     Returns:
         Summary with the checkpoint paths, the best validation accuracy, the test accuracy and the history.
     """
+    if get_spec(cfg.model).task == "captioning":  # sentences, not labels: its own loop (issue 4)
+        from dlpipe.training.captioning import train_captioner
+
+        return train_captioner(cfg)
     cfg = resolve_config(cfg)
     spec = get_spec(cfg.model)
+    if spec.task == "detection":  # lists of images and box targets: its own loop, same config and files
+        from dlpipe.training import detection
+
+        return detection.main(cfg)
     info = datasets.get_dataset(cfg.dataset)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

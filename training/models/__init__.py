@@ -1,3 +1,3 @@
 """Model definitions. Importing this package registers every built-in model."""
 
-from dlpipe.training.models import classifiers, fcn  # noqa: F401
+from dlpipe.training.models import captioner, classifiers, dqn, fcn, rcnn, transfer  # noqa: F401

@@ -1,0 +1,544 @@
+"""Transfer learning (issue 6): fine-tune a pretrained classifier on a user's own images.
+
+The source is a dlpipe classifier checkpoint or a torchvision architecture with published weights from
+the local torch cache (``torchvision:resnet18:DEFAULT``; nothing is downloaded). Its last linear layer
+(the head) is replaced to match the new classes; the images are converted to the backbone's input
+(colour mode, size, normalisation) with the runtime's own preprocessing, so training and serving see
+the same pixels. Training runs in two stages: the new head alone (``head_epochs``, the "head only"
+accuracy), then the network with the requested layers frozen and separate learning rates for the head
+and the backbone (parameter groups). The result is the same checkpoint ``dlpipe train`` writes, so
+export, quantize, evaluate, bench and classify work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
+from dlpipe.runtime.images import preprocess
+from dlpipe.runtime.metadata import Preprocessing
+from dlpipe.training import data as datasets
+from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from dlpipe.training.registry import get_spec
+from dlpipe.training.train import build_optimizer, build_scheduler, init_weights
+
+TORCHVISION_PREFIX = "torchvision:"
+SCHEDULES = ("none", "step", "cosine")  # onecycle would overwrite the per-group learning rates
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run depends on; stored in the checkpoint."""
+
+    source: str
+    """A dlpipe classifier checkpoint, or ``torchvision:ARCH[:WEIGHTS]`` (WEIGHTS: an enum member such as
+    DEFAULT or IMAGENET1K_V1, read from the local torch cache, or a state-dict file)."""
+    data: str
+    """An image folder (one sub-folder of images per class) or a registered dataset name."""
+    out: str = "runs/finetune"
+    """Output folder: best.pt, last.pt and metrics.jsonl."""
+    per_class: int | None = None
+    """Use at most this many labelled images per class (few-shot); the validation images come out of them."""
+    freeze: str = "none"
+    """In the second stage: ``backbone`` (train the head only), ``none``, or N (freeze the first N
+    weighted layers of the backbone, each with the normalisation layers after it); ignored with ``scratch``."""
+    head_epochs: int = 2
+    """First stage: epochs training the new head alone (the backbone frozen)."""
+    epochs: int = 5
+    """Second stage: epochs with the freezing given by ``freeze``."""
+    lr: float = 1e-4
+    """Backbone learning rate (second stage); every layer's rate with ``scratch``."""
+    head_lr: float = 1e-3
+    """Head learning rate (both stages)."""
+    optimizer: str = "adam"
+    """One of dlpipe.training.train.OPTIMIZERS."""
+    momentum: float = 0.9
+    """Momentum for momentum/nesterov (and RMSprop)."""
+    weight_decay: float = 0.0
+    """L2 weight decay."""
+    schedule: str = "cosine"
+    """Per-stage learning-rate schedule: none, step or cosine."""
+    batch_size: int = 32
+    """Mini-batch size."""
+    augment: str = "none"
+    """Augmentation: none, shift, affine or crop."""
+    image_size: int | None = None
+    """Square input size for a torchvision source (default: the weights' crop size); a checkpoint's size
+    is fixed by its training."""
+    val_fraction: float = 0.2
+    """Share of each class held out for validation and best-checkpoint selection."""
+    test_limit: int | None = None
+    """Registered datasets: use only the first N test images for the test accuracy."""
+    scratch: bool = False
+    """Baseline: the same network, images and budget (head_epochs + epochs) from random weights."""
+    data_dir: str | None = None
+    """Root of the registered datasets; $DLPIPE_DATA_DIR, else ~/.cache/dlpipe/data, when None."""
+    seed: int = 0
+    """Seed for the image choice, the split, the new head, shuffling and augmentation."""
+    threads: int | None = None
+    """torch intra-op threads; torch's default when None."""
+    progress: bool = True
+    """Show a progress bar."""
+    examples: int = 32
+    """Images stored (preprocessed) in the checkpoint for export parity checks."""
+
+
+@dataclass
+class Source:
+    """A pretrained classifier: the module with its original head, how it rebuilds, and its input."""
+
+    model: str
+    model_args: dict[str, Any]
+    module: nn.Module
+    preprocessing: dict[str, Any]
+    description: str
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def load_source(text: str, image_size: int | None = None) -> Source:
+    """The pretrained classifier named by ``text`` (a checkpoint path or ``torchvision:ARCH[:WEIGHTS]``).
+
+    Raises:
+        ModelFileError: a missing or unreadable checkpoint, or a weights file that does not fit.
+        DataNotFoundError: torchvision weights that are not in the local torch cache.
+        InputError: a source that is not a classifier, or an unknown architecture or weights name.
+    """
+    if text.startswith(TORCHVISION_PREFIX):
+        return _torchvision_source(text, image_size)
+    ckpt = load_checkpoint(text)
+    spec = get_spec(ckpt["model"])
+    if spec.task != "classification":
+        raise InputError(f"'{text}' holds a {spec.task} model ({spec.name}); fine-tuning needs a classifier")
+    if image_size is not None:
+        raise InputError(f"--image-size is for torchvision sources; '{text}' takes the "
+                         f"{'x'.join(map(str, ckpt['model_args']['image_size']))} images it was trained on")
+    return Source(spec.name, dict(ckpt["model_args"]), model_from_checkpoint(ckpt),
+                  dict(ckpt["dataset"]["preprocessing"]), f"{text} ({spec.name} on {ckpt['dataset']['name']})")
+
+
+def cached_weights_file(url: str) -> Path:
+    """Where ``torch.hub`` keeps the file downloaded from ``url`` (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def _torchvision_source(text: str, image_size: int | None) -> Source:
+    import torchvision
+
+    arch, _, weights_name = text[len(TORCHVISION_PREFIX):].partition(":")
+    archs = torchvision.models.list_models(module=torchvision.models)
+    if arch not in archs:
+        raise InputError(f"unknown torchvision classification architecture {arch!r}; for example "
+                         f"{', '.join(a for a in archs if a.startswith(('resnet', 'mobilenet')))}")
+    weights_enum = torchvision.models.get_model_weights(arch)
+    weights_name = weights_name or "DEFAULT"
+    if Path(weights_name).suffix in (".pth", ".pt"):  # a state dict the user saved
+        weights, file = weights_enum.DEFAULT, Path(weights_name)
+        if not file.is_file():
+            raise ModelFileError(f"weights file '{file}' does not exist")
+    else:
+        try:
+            weights = weights_enum[weights_name]
+        except KeyError:
+            known = ", ".join(["DEFAULT", *weights_enum.__members__])
+            raise InputError(f"torchvision has no weights {weights_name!r} for {arch}; choose from {known}") from None
+        file = cached_weights_file(weights.url)
+        if not file.is_file():  # never download: no network must mean a clear error, not a hang
+            raise DataNotFoundError(
+                f"the {weights} weights for {arch} are not in the local torch cache (looked for '{file}'); "
+                f"copy {weights.url} there (or set TORCH_HOME), or pass torchvision:{arch}:FILE.pth")
+    module = torchvision.models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        module.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    except Exception as exc:  # unpickling and shape errors come in many types
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"cannot load '{file}' into torchvision {arch}: {first}") from None
+    transforms = weights.transforms()
+    size = image_size or int(transforms.crop_size[0])
+    if size < 8:
+        raise InputError(f"image size must be at least 8, got {size}")
+    preprocessing = {"color": "RGB", "size": [size, size], "resize": "bilinear", "scale": 1 / 255,
+                     "mean": list(transforms.mean), "std": list(transforms.std), "layout": "NCHW"}
+    args = {"arch": arch, "in_channels": 3, "image_size": [size, size], "num_classes": len(weights.meta["categories"])}
+    return Source("torchvision", args, module.eval(), preprocessing, f"torchvision {arch} ({weights}, '{file}')")
+
+
+# ------------------------------------------------------------------------------------ head and freezing
+
+def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The classification head: the last ``nn.Linear`` of the model (its qualified name and module)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise InputError(f"{type(model).__name__} has no linear output layer to replace")
+    return linears[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Put a freshly initialised ``Linear(in_features, num_classes)`` in place of the head; returns its name."""
+    name, old = find_head(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    return name
+
+
+def backbone_layers(model: nn.Module, head: str) -> list[list[nn.Module]]:
+    """The backbone's weighted layers in order, each (conv or linear) with the parameter-holding modules
+    that follow it before the next one (normalisation layers): the units ``--freeze N`` counts."""
+    layers: list[list[nn.Module]] = []
+    for name, m in model.named_modules():
+        if name == head or name.startswith(head + ".") or next(m.parameters(recurse=False), None) is None:
+            continue
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or not layers:
+            layers.append([m])
+        else:
+            layers[-1].append(m)
+    return layers
+
+
+def parse_freeze(value: str) -> str | int:
+    """``backbone``, ``none`` or a non-negative layer count."""
+    if value in ("backbone", "none"):
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise InputError(f"--freeze must be backbone, none or a number of layers, got {value!r}")
+    return n
+
+
+def freeze(model: nn.Module, head: str, how: str | int) -> list[nn.Module]:
+    """Set ``requires_grad`` for ``how`` (``backbone``, ``none`` or N layers); the head always trains.
+
+    Returns:
+        The frozen modules (their normalisation layers must stay in eval mode while training).
+    """
+    layers = backbone_layers(model, head)
+    how = parse_freeze(how) if isinstance(how, str) else how
+    count = {"backbone": len(layers), "none": 0}.get(how, how)
+    if count > len(layers):
+        raise InputError(f"--freeze {count}: the backbone of {type(model).__name__} has only {len(layers)} layers")
+    frozen = [m for layer in layers[:count] for m in layer]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for m in frozen:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+    return frozen
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+@dataclass
+class FinetuneData:
+    """uint8 NCHW images already at the backbone's input, split per class into train and validation."""
+
+    name: str
+    labels: list[str]
+    train: tuple[torch.Tensor, torch.Tensor]
+    val: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor] | None
+
+
+def to_input(images: list, color: str, size: tuple[int, int], names: list[str] | None = None) -> torch.Tensor:
+    """Images (paths or arrays) -> uint8 NCHW at the backbone's colour mode and size, through the
+    runtime's own conversion and resize, so training sees what ``dlpipe classify`` will feed the model."""
+    channels = 1 if color == "L" else 3
+    identity = Preprocessing(color=color, size=tuple(size), resize="bilinear", scale=1.0,
+                             mean=(0.0,) * channels, std=(1.0,) * channels)
+    chunk = 2048  # the runtime returns float32; convert a chunk at a time to keep memory at uint8 size
+    return torch.cat([torch.from_numpy(preprocess(images[i:i + chunk], identity, names and names[i:i + chunk])
+                                       .astype(np.uint8)) for i in range(0, len(images), chunk)])
+
+
+def _folder(root: Path, per_class: int | None, rng: np.random.Generator) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class names, chosen image files and their labels of an ImageFolder tree."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    try:
+        tree = ImageFolder(str(root), allow_empty=True)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"image folder '{root}' has no class sub-folders; put each class's images "
+                                "in a folder of its own (root/CLASS/IMAGE.png)") from None
+    labels = np.array(tree.targets, dtype=np.int64)
+    for k, name in enumerate(tree.classes):
+        if not (labels == k).any():
+            raise InputError(f"class folder '{root / name}' holds no images ({' '.join(IMG_EXTENSIONS)})")
+    if len(tree.classes) < 2:
+        raise InputError(f"image folder '{root}' has only one class ('{tree.classes[0]}'); a classifier needs "
+                         "at least two class folders")
+    keep = _per_class(labels, per_class, rng)
+    return list(tree.classes), [Path(tree.samples[i][0]) for i in keep], labels[keep]
+
+
+def folder_images(root: str | Path, labels: Sequence[str], limit: int | None = None) -> tuple[list[Path], np.ndarray]:
+    """Every image file of an ImageFolder tree (the first ``limit``) with its class index in ``labels``, the
+    model's class order: ``dlpipe evaluate --dataset FOLDER`` on a held-out folder.
+
+    Raises:
+        InputError: a class folder whose name is not one of ``labels``, or the folder problems of
+            :func:`load_data`.
+    """
+    names, files, y = _folder(Path(root), None, np.random.default_rng(0))
+    unknown = [n for n in names if n not in labels]
+    if unknown:
+        raise InputError(f"class folders {unknown} of '{root}' are not among the model's classes {list(labels)}")
+    index = np.array([list(labels).index(n) for n in names], dtype=np.int64)
+    return files[:limit], index[y][:limit]
+
+
+def _per_class(labels: np.ndarray, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``per_class`` randomly chosen images of each class, in the original order."""
+    if per_class is None:
+        return np.arange(len(labels))
+    if per_class < 2:
+        raise InputError(f"--per-class must be at least 2 (one image to train on, one to validate), got {per_class}")
+    chosen = [rng.permutation(np.flatnonzero(labels == k))[:per_class] for k in np.unique(labels)]
+    return np.sort(np.concatenate(chosen))
+
+
+def split_per_class(labels: np.ndarray, names: list[str], val_fraction: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split: ``val_fraction`` of each class (at least one image) held out for validation."""
+    train, val = [], []
+    for k, name in enumerate(names):
+        idx = rng.permutation(np.flatnonzero(labels == k))
+        if len(idx) < 2:
+            raise InputError(f"class {name!r} has {len(idx)} image(s); at least 2 are needed (one to train on, "
+                             "one to validate)")
+        n_val = min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def load_data(data: str, preprocessing: dict[str, Any], per_class: int | None = None, val_fraction: float = 0.2,
+              seed: int = 0, data_dir: str | None = None, test_limit: int | None = None) -> FinetuneData:
+    """The fine-tuning images at the backbone's input: an image folder or a registered dataset.
+
+    Raises:
+        DataNotFoundError: a folder that does not exist or has no class folders; dataset files missing.
+        InputError: an empty class folder, a single class, an unreadable image (named), too few images.
+    """
+    rng = np.random.default_rng(seed)
+    color, size = preprocessing["color"], tuple(preprocessing["size"])
+    root = Path(data)
+    test = None
+    if root.is_dir():
+        names, files, labels = _folder(root, per_class, rng)
+        images = to_input(files, color, size, [f"'{f}'" for f in files])
+        name = str(root.resolve())
+    elif data in datasets.DATASETS:
+        info = datasets.get_dataset(data)
+        if info.task != "classification":
+            raise InputError(f"dataset {data!r} is for {info.task}; fine-tuning needs a classification dataset")
+        raw, all_labels = datasets.load_split(data, "train", data_dir)
+        keep = _per_class(all_labels, per_class, rng)
+        names, labels, name = list(info.labels), all_labels[keep], data
+        images = to_input(list(raw[keep]), color, size)
+        test_raw, test_labels = datasets.load_split(data, "test", data_dir, test_limit)
+        test = (to_input(list(test_raw), color, size), torch.from_numpy(test_labels))
+    elif root.exists():
+        raise InputError(f"'{data}' is a file; --data takes an image folder (one sub-folder per class) or a dataset")
+    elif "/" in data or root.suffix:
+        raise DataNotFoundError(f"image folder '{data}' does not exist")
+    else:
+        raise InputError(f"{data!r} is neither an image folder nor a registered dataset "
+                         f"({', '.join(n for n, d in datasets.DATASETS.items() if d.task == 'classification')})")
+    if not 0 < val_fraction < 1:
+        raise InputError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    train_idx, val_idx = split_per_class(labels, names, val_fraction, rng)
+    y = torch.from_numpy(labels)
+    return FinetuneData(name, names, (images[train_idx], y[train_idx]), (images[val_idx], y[val_idx]), test)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def _loader(images: torch.Tensor, labels: torch.Tensor, info: datasets.DatasetInfo, batch_size: int,
+            augment: str = "none", seed: int = 0, shuffle: bool = False) -> DataLoader:
+    ds = datasets.ImageTensorDataset(images, labels, info, datasets.augmentation(augment, info.image_size))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+                      collate_fn=datasets.batch_collate)
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
+                frozen: list[nn.Module], progress: tqdm | None = None) -> dict[str, float]:
+    """One pass over ``loader``; frozen modules stay in eval mode (batch-norm statistics unchanged)."""
+    model.train()
+    for m in frozen:
+        m.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        if progress is not None:
+            progress.update(len(labels))
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def score(model: nn.Module, loader: DataLoader, labels: list[str]) -> dict[str, Any]:
+    """Loss, accuracy and per-class accuracy (None for a class without images)."""
+    model.eval()
+    total_loss, preds, truth = 0.0, [], []
+    for images, y in loader:
+        logits = model(images)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        preds.append(logits.argmax(1))
+        truth.append(y)
+    pred, true = torch.cat(preds), torch.cat(truth)
+    per_class = {name: (float((pred[true == k] == k).float().mean()) if (true == k).any() else None)
+                 for k, name in enumerate(labels)}
+    return {"loss": total_loss / len(true), "acc": float((pred == true).float().mean()), "per_class": per_class}
+
+
+def _param_groups(model: nn.Module, head: str, head_lr: float, lr: float) -> list[dict[str, Any]]:
+    head_params = list(model.get_submodule(head).parameters())
+    ids = {id(p) for p in head_params}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": head_params, "lr": head_lr, "name": "head"}]
+    return groups + ([{"params": backbone, "lr": lr, "name": "backbone"}] if backbone else [])
+
+
+def resolve_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Validate the names and numbers of ``cfg`` (the freeze value is parsed later)."""
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {cfg.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    if cfg.augment not in datasets.AUGMENTATIONS:
+        raise InputError(f"unknown augmentation {cfg.augment!r}; choose from {', '.join(datasets.AUGMENTATIONS)}")
+    if cfg.head_epochs < 0 or cfg.epochs < 0 or cfg.head_epochs + cfg.epochs < 1:
+        raise InputError("head_epochs and epochs must not be negative, and at least one epoch must run")
+    if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.head_lr <= 0:
+        raise InputError("the batch size must be positive and the learning rates above zero")
+    parse_freeze(cfg.freeze)
+    return cfg
+
+
+def main(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.source`` on ``cfg.data``; write best.pt, last.pt and metrics.jsonl under ``cfg.out``.
+
+    Returns:
+        Summary: checkpoint paths, accuracy with the head only and after fine-tuning (validation, and test
+        for a registered dataset), per-class accuracy, the history and the command to export.
+    """
+    cfg = resolve_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    source = load_source(cfg.source, cfg.image_size)
+    pre = source.preprocessing
+    data = load_data(cfg.data, pre, cfg.per_class, cfg.val_fraction, cfg.seed, cfg.data_dir, cfg.test_limit)
+    info = datasets.DatasetInfo(data.name, 1 if pre["color"] == "L" else 3, tuple(pre["size"]), tuple(pre["mean"]),
+                                tuple(pre["std"]), tuple(data.labels), loader=None)  # the data is loaded above
+
+    torch.manual_seed(cfg.seed)
+    model = source.module
+    model_args = {**source.model_args, "num_classes": len(data.labels)}
+    if cfg.scratch:  # the baseline: the same network built afresh, with the model's usual initialisation
+        model = get_spec(source.model).build(**model_args)
+        init_weights(model, get_spec(source.model).recipe.init)
+        head = find_head(model)[0]
+    else:
+        head = replace_head(model, len(data.labels))
+    how = parse_freeze(cfg.freeze)
+    freeze(model, head, how)  # a layer count beyond the backbone fails now, not after the first stage
+
+    train_loader = _loader(*data.train, info, cfg.batch_size, cfg.augment, cfg.seed, shuffle=True)
+    val_loader = _loader(*data.val, info, 256)
+    test_loader = _loader(*data.test, info, 512) if data.test is not None else None
+    # real inputs for the export parity check: validation images first, then training images
+    pool = torch.cat([data.val[0], data.train[0][:max(0, cfg.examples - len(data.val[1]))]])[:cfg.examples]
+    if len(pool) < 4:
+        raise InputError(f"'{cfg.data}' holds {len(pool)} images; at least 4 are needed")
+    examples = datasets.normalize(pool, info)
+
+    base = {"model": source.model, "task": "classification", "model_args": model_args, "config": asdict(cfg),
+            "dataset": {"name": data.name, "labels": list(data.labels), "preprocessing": pre},
+            "examples": examples, "versions": {"torch": str(torch.__version__)},
+            "transfer": {"source": source.description, "head": head, "freeze": cfg.freeze, "scratch": cfg.scratch}}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    log_path.write_text("")
+    stages = [("full", cfg.head_epochs + cfg.epochs, "none")] if cfg.scratch else \
+        [("head", cfg.head_epochs, "backbone"), ("finetune", cfg.epochs, how)]
+    bar = tqdm(total=len(data.train[1]) * sum(s[1] for s in stages), unit="img", disable=not cfg.progress,
+               desc=f"finetune {source.model}", dynamic_ncols=True)
+    history: list[dict[str, Any]] = []
+    best_key, head_only, frozen_count = None, None, 0
+    for stage, epochs, stage_freeze in stages:
+        if epochs == 0:
+            continue
+        frozen = freeze(model, head, stage_freeze)
+        frozen_count = len(backbone_layers(model, head)) if stage_freeze == "backbone" else \
+            (0 if stage_freeze == "none" else stage_freeze)
+        head_lr = cfg.lr if cfg.scratch else cfg.head_lr
+        optimizer = build_optimizer(cfg.optimizer, _param_groups(model, head, head_lr, cfg.lr), head_lr,
+                                    cfg.momentum, cfg.weight_decay)
+        scheduler = build_scheduler(cfg.schedule, optimizer, head_lr, epochs, len(train_loader))
+        for _ in range(epochs):
+            row = {"epoch": len(history) + 1, "stage": stage, "frozen_layers": frozen_count,
+                   **train_epoch(model, train_loader, optimizer, scheduler, frozen, bar)}
+            val = score(model, val_loader, data.labels)
+            row.update(val_loss=val["loss"], val_acc=val["acc"])
+            history.append(row)
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            key = (val["acc"], -val["loss"])
+            improved = best_key is None or key > best_key
+            if improved:
+                best_key = key
+                save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": row["epoch"],
+                                 "metrics": {"val_acc": val["acc"], "val_loss": val["loss"]}}, out / "best.pt")
+            bar.write(f"epoch {row['epoch']} ({stage}): loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
+                      f"val_loss {val['loss']:.4f} val_acc {val['acc']:.4f}{' *' if improved else ''}", file=sys.stderr)
+        if stage == "head":
+            head_only = {"val_acc": val["acc"]}
+            if test_loader is not None:
+                head_only["test_acc"] = score(model, test_loader, data.labels)["acc"]
+    bar.close()
+    save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": len(history), "history": history,
+                     "best_val_acc": best_key[0]}, out / "last.pt")
+
+    best = load_checkpoint(out / "best.pt")
+    model.load_state_dict(best["state_dict"])
+    after = {"val_acc": best["metrics"]["val_acc"]}
+    final = score(model, val_loader, data.labels)
+    if test_loader is not None:
+        final = score(model, test_loader, data.labels)
+        after["test_acc"] = final["acc"]
+        best["metrics"].update(test_acc=final["acc"], test_loss=final["loss"])
+    if head_only is not None:
+        best["metrics"].update({f"head_only_{k}": v for k, v in head_only.items()})
+    save_checkpoint(best, out / "best.pt")
+    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path),
+            "source": source.description, "model": source.model, "dataset": data.name, "labels": data.labels,
+            "head": head, "scratch": cfg.scratch, "backbone_layers": len(backbone_layers(model, head)),
+            "frozen_layers": frozen_count, "images": {"train": len(data.train[1]), "val": len(data.val[1]),
+                                                      "test": len(data.test[1]) if data.test is not None else None},
+            "head_only": head_only, "after": after, "best_epoch": best["epoch"],
+            "per_class_split": "test" if test_loader is not None else "val", "per_class_accuracy": final["per_class"],
+            "history": history, "export_command": f"dlpipe export {out / 'best.pt'} --out {out / 'model.onnx'}"}
