@@ -25,9 +25,9 @@ from dlpipe.training.train import TrainConfig, main as train
 
 # The other tasks, each briefly: (model, dataset, training overrides, quick overrides, metric key, metric name).
 TASK_DEMOS = {
-    "segmentation": ("fcn8s", "shapes-scenes", dict(epochs=3, limit=2000, lr=3e-3, batch_norm=True),
+    "segmentation": ("fcn8s", "shapes-scenes", dict(epochs=8, limit=3000, lr=3e-3, batch_norm=True),
                      dict(epochs=1, limit=96), "miou", "mean IoU"),
-    "detection": ("rcnn", "shapes-boxes", dict(epochs=4, limit=1600, lr=2e-3),
+    "detection": ("rcnn", "shapes-boxes", dict(epochs=4, limit=2400, lr=2e-3),
                   dict(epochs=1, limit=96), "map50", "mAP@0.5"),
 }
 
@@ -122,10 +122,11 @@ def run_control_demo(out: Path, quick: bool = False) -> dict[str, Any]:
 
 def run_captioning_demo(out: Path, quick: bool = False) -> dict[str, Any]:
     """A captioner trained briefly on shapes scenes, exported as its two-graph package, int8, BLEU-4 of both,
-    and held-out scenes captioned through the runtime (a minute of training: the captions are still rough)."""
+    and held-out scenes captioned through the runtime (under two minutes of training: the captions are still
+    rough; bench/captioning.py trains the full recipe)."""
     from dlpipe.apps.caption import demo_captioner
 
-    r = demo_captioner(out=Path(out) / "captioning", quick=quick)
+    r = demo_captioner(out=Path(out) / "captioning", quick=quick, limit=6000, epochs=8)
     first = r["samples"][0]
     return {"task": "captioning", "model": "captioner", "dataset": "shapes-captions", "metric": "BLEU-4",
             "scores": {v["precision"]: v["bleu"] for v in r["variants"]},
@@ -151,15 +152,16 @@ def colour_folder(root: Path, per_class: int, start: int = 0) -> Path:
 
 
 def run_transfer_demo(out: Path, classifier: str, quick: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The demo's shape-kind classifier fine-tuned to tell the shapes' colours, from a folder of 40 images per
+    """The demo's shape-kind classifier fine-tuned to tell the shapes' colours, from a folder of 80 images per
     colour, then exported, quantized to int8 and run on 10 held-out files per colour through the runtime."""
     from dlpipe.training.finetune import FinetuneConfig, main as finetune
 
     out = Path(out) / "transfer"
-    train_dir = colour_folder(out / "images", 12 if quick else 40)
+    train_dir = colour_folder(out / "images", 12 if quick else 80)
     held_out = colour_folder(out / "held_out", 2 if quick else 10, start=100_000)
-    r = finetune(FinetuneConfig(source=classifier, data=str(train_dir), out=str(out / "train"), head_epochs=1 if quick else 2,
-                                epochs=1 if quick else 8, lr=1e-3, progress=progress))
+    r = finetune(FinetuneConfig(source=classifier, data=str(train_dir), out=str(out / "train"),
+                                head_epochs=1 if quick else 2, epochs=1 if quick else 15, lr=3e-3, head_lr=3e-3,
+                                batch_size=16, progress=progress))
     fp32 = out / "model.onnx"
     export_checkpoint(r["best"], fp32)
     quantize(fp32, variant_path(fp32, "int8"), QuantizationConfig("int8", calibration_size=64,

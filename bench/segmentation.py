@@ -40,6 +40,7 @@ TARGET_MIOU = {"shapes-scenes": 0.90, "mnist-scenes": 0.80}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shapes-scenes", choices=sorted(TARGET_MIOU))
+    p.add_argument("--model", default=RECIPE["model"], help="fcn32s, fcn16s, fcn8s, fcn4s or fcn2s")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--augment", default="none", help="none, flip, shift, affine or crop (image and mask together)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
@@ -49,11 +50,13 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--json", default=None, help="result file (default bench/results/segmentation.json)")
     args = p.parse_args()
-    out = Path(args.out or ("runs/bench_fcn" if args.dataset == "shapes-scenes" else "runs/bench_fcn_digits"))
+    suffix = "" if args.model == RECIPE["model"] else f"_{args.model}"
+    out = Path(args.out or ("runs/bench_fcn" if args.dataset == "shapes-scenes" else "runs/bench_fcn_digits") + suffix)
     ckpt, train_seconds = args.checkpoint, None
     if ckpt is None:
         start = time.perf_counter()
-        ckpt = train(TrainConfig(**{**RECIPE, "epochs": args.epochs}, dataset=args.dataset, data_dir=args.data_dir,
+        ckpt = train(TrainConfig(**{**RECIPE, "epochs": args.epochs, "model": args.model}, dataset=args.dataset,
+                                 data_dir=args.data_dir,
                                  augment=args.augment, threads=args.threads, out=str(out / "train")))["best"]
         train_seconds = time.perf_counter() - start
     stored = load_checkpoint(ckpt)
@@ -96,9 +99,10 @@ def main() -> None:
         print(f"training: {train_seconds / 60:.1f} min")
     for name, ok in targets.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
-    name = "segmentation" if stored["dataset"]["name"] == "shapes-scenes" else "segmentation_digits"
+    name = ("segmentation" if stored["dataset"]["name"] == "shapes-scenes" else "segmentation_digits") + (
+        "" if stored["model"] == RECIPE["model"] else f"_{stored['model']}")
     path = write_result(name, {
-        "recipe": RECIPE | {"epochs": args.epochs, "dataset": stored["dataset"]["name"],
+        "recipe": RECIPE | {"epochs": args.epochs, "dataset": stored["dataset"]["name"], "model": stored["model"],
                             "augment": stored.get("config", {}).get("augment", args.augment)},
         "checkpoint": str(ckpt),
         "training": {"seconds": train_seconds, "epoch": stored.get("epoch"), "metrics": stored.get("metrics")},

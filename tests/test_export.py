@@ -31,6 +31,8 @@ EXPORT_CASES = {
     "fcn32s": "shapes-scenes",
     "fcn16s": "shapes-scenes",
     "fcn8s": "shapes-scenes",
+    "fcn4s": "shapes-scenes",
+    "fcn2s": "mnist-scenes",
     "torchvision": "shapes",  # resnet18 (training/models/transfer.py)
     "dqn-cartpole": "CartPole-v1",  # DQN Q-networks: an environment, observations recorded in it (issue 5)
     "dqn-atari": "ALE/Pong-v5",

@@ -35,13 +35,16 @@ def test_transposed_convolution_starts_as_bilinear_interpolation():
     torch.testing.assert_close(up(x)[..., 4:-4, 4:-4], expected[..., 4:-4, 4:-4], atol=1e-5, rtol=1e-5)
 
 
-def test_fcn8s_skips_start_silent_and_learn():
+@pytest.mark.parametrize("name,skips", [("fcn8s", ("score_pool4", "score_pool3")),
+                                        ("fcn2s", ("score_pool4", "score_pool3", "score_pool2", "score_pool1"))])
+def test_fcn_skips_start_silent_and_learn(name, skips):
     torch.manual_seed(0)
-    model = get_spec("fcn8s").build(in_channels=3, num_classes=7)
-    assert model.score_pool3.weight.abs().sum() == 0 and model.score_pool4.weight.abs().sum() == 0
+    model = get_spec(name).build(in_channels=3, num_classes=7)
+    assert sorted(n for n, _ in model.named_children() if n.startswith("score_pool")) == sorted(skips)
+    assert all(getattr(model, s).weight.abs().sum() == 0 for s in skips)
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 7, (2, 64, 64)))
     loss.backward()
-    assert model.score_pool3.weight.grad.abs().sum() > 0 and model.score_pool4.weight.grad.abs().sum() > 0
+    assert all(getattr(model, s).weight.grad.abs().sum() > 0 for s in skips)
 
 
 def test_scenes_masks_match_the_images():
