@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--shots", default="10,100", help="labelled images per class, comma-separated")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--freeze", default="none")
+    p.add_argument("--lr", type=float, default=FINETUNE["lr"], help="fine-tuning: backbone learning rate")
+    p.add_argument("--head-lr", type=float, default=FINETUNE["head_lr"], help="fine-tuning: head learning rate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/bench_transfer")
     p.add_argument("--json", default=None, help="result file (default bench/results/transfer.json)")
@@ -59,6 +61,7 @@ def main() -> None:
     shots = [int(s) for s in args.shots.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
+    FINETUNE.update(lr=args.lr, head_lr=args.head_lr)
     if args.pretrained is None:
         result = train(TrainConfig(model=args.model, dataset=args.source, epochs=args.pretrain_epochs,
                                    schedule="cosine", batch_norm=args.batch_norm or None, data_dir=args.data_dir,
