@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +18,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dlpipe.runtime.errors import ModelFileError
 from dlpipe.training import data as datasets
 from dlpipe.training.checkpoint import load_checkpoint, save_checkpoint
 from dlpipe.training.registry import get_spec
@@ -157,7 +154,7 @@ def model_args_for(info: datasets.DatasetInfo) -> dict[str, Any]:
 
 def main(cfg) -> dict[str, Any]:
     """Train a detector as :func:`dlpipe.training.train.main` trains the other tasks (``cfg`` resolved)."""
-    from dlpipe.training.train import build_optimizer, build_scheduler
+    from dlpipe.training.train import build_optimizer, build_scheduler, fit
 
     spec = get_spec(cfg.model)
     info = datasets.get_dataset(cfg.dataset)
@@ -183,54 +180,17 @@ def main(cfg) -> dict[str, Any]:
                                 cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(train_loader))
 
-    start_epoch, best, history, stale = 0, -1.0, [], 0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume)
-        if state["model"] != cfg.model or state["model_args"] != model_args:
-            raise ModelFileError(f"'{cfg.resume}' holds a {state['model']} with other arguments; cannot resume "
-                                 f"{cfg.model} on {cfg.dataset} from it")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, history = state["epoch"], state["best_val_acc"], list(state["history"])
-        torch.set_rng_state(state["rng"])
-        train_loader.generator.set_state(state["loader_rng"])
-
     examples = val_x[:cfg.examples].float() / 255
     base = {"model": cfg.model, "task": spec.task, "model_args": model_args, "config": asdict(cfg),
             "dataset": {"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()},
             "examples": examples, "versions": {"torch": str(torch.__version__)}}
+    best, history = fit(cfg, out, base, model, optimizer, scheduler, train_loader, len(train_ds),
+                        run_epoch=lambda bar: train_one_epoch(model, train_loader, optimizer, scheduler, bar),
+                        validate=lambda: evaluate(model, val_x, val_targets, info.labels),
+                        score=lambda row: row["val_map50"],
+                        describe=lambda row: (f"loss {row['train_loss']:.4f} val mAP@0.5 {row['val_map50']:.4f} "
+                                              f"mAP@[.5:.95] {row['val_map']:.4f}"))
     log_path = out / "metrics.jsonl"
-    if start_epoch == 0:
-        log_path.write_text("")
-    bar = tqdm(total=len(train_ds) * (cfg.epochs - start_epoch), unit="img", disable=not cfg.progress,
-               desc=f"{cfg.model}/{cfg.dataset}", dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        row = {"epoch": epoch + 1, **train_one_epoch(model, train_loader, optimizer, scheduler, bar)}
-        row.update({f"val_{k}": v for k, v in evaluate(model, val_x, val_targets, info.labels).items()})
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        history.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        improved = row["val_map50"] > best
-        if improved:
-            best, stale = row["val_map50"], 0
-            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
-        else:
-            stale += 1
-        bar.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} val mAP@0.5 {row['val_map50']:.4f} "
-                  f"mAP@[.5:.95] {row['val_map']:.4f}{' *' if improved else ''}", file=sys.stderr)
-        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_acc": best,
-                         "history": history, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state()},
-                        out / "last.pt")
-        if cfg.patience and stale >= cfg.patience:
-            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs", file=sys.stderr)
-            break
-    bar.close()
 
     ckpt = load_checkpoint(out / "best.pt")
     model.load_state_dict(ckpt["state_dict"])

@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -226,6 +226,69 @@ def _loader(ds: datasets.ImageTensorDataset, batch_size: int, shuffle: bool, see
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=datasets.batch_collate)
 
 
+def fit(cfg: TrainConfig, out: Path, base: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+        scheduler, train_loader: DataLoader, images_per_epoch: int, *, run_epoch: Callable, validate: Callable,
+        score: Callable[[dict[str, Any]], float], describe: Callable[[dict[str, Any]], str]
+        ) -> tuple[float, list[dict[str, Any]]]:
+    """The epochs every task's training shares: resume from ``cfg.resume``, a progress bar, one JSON line
+    per epoch in metrics.jsonl, best.pt on the validation ``score``, last.pt (everything ``--resume``
+    needs, RNG states included) and early stopping.
+
+    Args:
+        base: What every checkpoint holds besides the weights (model name and args, dataset, examples...).
+        run_epoch: ``run_epoch(bar)`` trains one epoch and returns its training figures.
+        validate: Returns the validation figures (stored with a ``val_`` prefix).
+        score: The value of a row that selects best.pt (higher is better).
+        describe: The row in words for the epoch line.
+
+    Returns:
+        The best validation score and the history of rows.
+    """
+    start_epoch, best, history, stale = 0, -1.0, [], 0
+    if cfg.resume:
+        state = load_checkpoint(cfg.resume)
+        if state["model"] != cfg.model or state["model_args"] != base["model_args"]:
+            raise ModelFileError(f"'{cfg.resume}' holds a {state['model']} with other arguments; cannot resume "
+                                 f"{cfg.model} on {cfg.dataset} from it")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"], state["best_val_acc"], list(state["history"])
+        torch.set_rng_state(state["rng"])
+        train_loader.generator.set_state(state["loader_rng"])
+    log_path = out / "metrics.jsonl"
+    if start_epoch == 0:
+        log_path.write_text("")
+    bar = tqdm(total=images_per_epoch * (cfg.epochs - start_epoch), unit="img", disable=not cfg.progress,
+               desc=f"{cfg.model}/{cfg.dataset}", dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        row = {"epoch": epoch + 1, **run_epoch(bar)}
+        row.update({f"val_{k}": v for k, v in validate().items()})
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(row)
+        with log_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        improved = score(row) > best
+        if improved:
+            best, stale = score(row), 0
+            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1,
+                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
+        else:
+            stale += 1
+        bar.write(f"epoch {epoch + 1}/{cfg.epochs}: {describe(row)}{' *' if improved else ''}", file=sys.stderr)
+        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_acc": best,
+                         "history": history, "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                         "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state()},
+                        out / "last.pt")
+        if cfg.patience and stale >= cfg.patience:
+            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs", file=sys.stderr)
+            break
+    bar.close()
+    return best, history
+
+
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model``; write best.pt, last.pt and metrics.jsonl under ``cfg.out``.
 
@@ -269,57 +332,22 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(train_loader))
 
-    start_epoch, best_acc, history, stale = 0, -1.0, [], 0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume)
-        if state["model"] != cfg.model or state["model_args"] != model_args:
-            raise ModelFileError(f"'{cfg.resume}' holds a {state['model']} with other arguments; cannot resume "
-                                 f"{cfg.model} on {cfg.dataset} from it")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_acc, history = state["epoch"], state["best_val_acc"], list(state["history"])
-        torch.set_rng_state(state["rng"])
-        train_loader.generator.set_state(state["loader_rng"])
-
     examples = torch.stack([val_ds[i][0] for i in range(min(cfg.examples, len(val_ds)))])
     base = {"model": cfg.model, "task": spec.task, "model_args": model_args, "config": asdict(cfg),
             "dataset": {"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()},
             "examples": examples, "versions": {"torch": str(torch.__version__)}}
-    log_path = out / "metrics.jsonl"
-    if start_epoch == 0:
-        log_path.write_text("")
-    bar = tqdm(total=len(train_ds) * (cfg.epochs - start_epoch), unit="img", disable=not cfg.progress,
-               desc=f"{cfg.model}/{cfg.dataset}", dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        row = {"epoch": epoch + 1, **train_one_epoch(model, train_loader, optimizer, scheduler, bar)}
-        row.update({f"val_{k}": v for k, v in evaluate(model, val_loader).items()})
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        history.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        score = row.get("val_miou", row["val_acc"])  # segmentation selects on mean IoU
-        improved = score > best_acc
-        if improved:
-            best_acc, stale = score, 0
-            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
-        else:
-            stale += 1
+
+    def describe(row: dict[str, Any]) -> str:
         miou = f" val_miou {row['val_miou']:.4f}" if "val_miou" in row else ""
-        bar.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
-                  f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}{miou}{' *' if improved else ''}",
-                  file=sys.stderr)
-        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_acc": best_acc,
-                         "history": history, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state()},
-                        out / "last.pt")
-        if cfg.patience and stale >= cfg.patience:
-            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs", file=sys.stderr)
-            break
-    bar.close()
+        return (f"loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} val_loss {row['val_loss']:.4f} "
+                f"val_acc {row['val_acc']:.4f}{miou}")
+
+    best_acc, history = fit(cfg, out, base, model, optimizer, scheduler, train_loader, len(train_ds),
+                            run_epoch=lambda bar: train_one_epoch(model, train_loader, optimizer, scheduler, bar),
+                            validate=lambda: evaluate(model, val_loader),
+                            score=lambda row: row.get("val_miou", row["val_acc"]),  # segmentation: mean IoU
+                            describe=describe)
+    log_path = out / "metrics.jsonl"
 
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
