@@ -80,7 +80,9 @@ def models_cmd(as_json: bool) -> None:
 
 @cli.command("train")
 @click.argument("model")
-@click.option("--dataset", default=None, help="mnist, fashion-mnist or shapes (default: the model's).")
+@click.option("--dataset", default=None,
+              help="mnist, fashion-mnist, shapes, shapes-scenes, mnist-scenes, shapes-boxes, mnist-boxes, "
+                   "voc-seg:ROOT, voc-det:ROOT, coco:ROOT... (default: the model's).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--lr", type=float, default=None, help="(Peak) learning rate.")
