@@ -10,7 +10,6 @@ import io
 import math
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -154,21 +153,14 @@ def model_args_for(info: datasets.DatasetInfo) -> dict[str, Any]:
 
 def main(cfg) -> dict[str, Any]:
     """Train a detector as :func:`dlpipe.training.train.main` trains the other tasks (``cfg`` resolved)."""
-    from dlpipe.training.train import build_optimizer, build_scheduler, fit
+    from dlpipe.training.train import build_optimizer, build_scheduler, fit, split_indices, start_run
 
     spec = get_spec(cfg.model)
     info = datasets.get_dataset(cfg.dataset)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = start_run(cfg)
     images, targets = datasets.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit, cfg.download)
     x = datasets.to_nchw(images)
-    perm = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, int(round(len(targets) * cfg.val_fraction)))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_idx, train_idx = split_indices(len(targets), cfg)
     train_ds = DetectionDataset(x[train_idx], [targets[i] for i in train_idx], flip=cfg.augment == "flip",
                                 seed=cfg.seed)
     val_x, val_targets = x[val_idx], [targets[i] for i in val_idx]

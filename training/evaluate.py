@@ -36,9 +36,7 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
         raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification, "
                              "segmentation and detection")
     info = predictor.info
-    dataset = dataset or info.raw.get("dataset")
-    if not dataset:
-        raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    dataset = _dataset_for(info, dataset, model)
     if Path(dataset).is_dir():  # an image folder, one sub-folder per class (issue 6)
         from dlpipe.training.finetune import folder_images
 
@@ -63,12 +61,18 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
             "providers": predictor.engine.providers}
 
 
-def _evaluate_segmenter(predictor: Segmenter, model, dataset, split, limit, data_dir) -> dict[str, Any]:
-    """Pixel accuracy, mean IoU and per-class IoU of a segmentation model."""
-    info = predictor.info
+def _dataset_for(info, dataset: str | None, model) -> str:
+    """The dataset to evaluate on: the one given, else the one the model's metadata names."""
     dataset = dataset or info.raw.get("dataset")
     if not dataset:
         raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    return dataset
+
+
+def _evaluate_segmenter(predictor: Segmenter, model, dataset, split, limit, data_dir) -> dict[str, Any]:
+    """Pixel accuracy, mean IoU and per-class IoU of a segmentation model."""
+    info = predictor.info
+    dataset = _dataset_for(info, dataset, model)
     images, masks = load_split(dataset, split, data_dir, limit)
     if masks.ndim != 3:
         raise InputError(f"dataset {dataset!r} has no segmentation masks")
@@ -92,9 +96,7 @@ def _evaluate_detector(predictor: Detector, model, dataset, split, limit, data_d
     from dlpipe.training.detection import coco_metrics
 
     info = predictor.info
-    dataset = dataset or info.raw.get("dataset")
-    if not dataset:
-        raise InputError(f"'{model}' does not name its dataset; pass --dataset")
+    dataset = _dataset_for(info, dataset, model)
     images, targets = load_split(dataset, split, data_dir, limit)
     if not isinstance(targets, list):
         raise InputError(f"dataset {dataset!r} has no boxes")

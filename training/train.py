@@ -226,6 +226,23 @@ def _loader(ds: datasets.ImageTensorDataset, batch_size: int, shuffle: bool, see
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=datasets.batch_collate)
 
 
+def start_run(cfg: TrainConfig) -> Path:
+    """Threads and seed as configured; the output folder, created."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def split_indices(n: int, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(validation, training)`` indices of a seeded random split holding out ``cfg.val_fraction``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(1, int(round(n * cfg.val_fraction)))
+    return perm[:n_val], perm[n_val:]
+
+
 def fit(cfg: TrainConfig, out: Path, base: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
         scheduler, train_loader: DataLoader, images_per_epoch: int, *, run_epoch: Callable, validate: Callable,
         score: Callable[[dict[str, Any]], float], describe: Callable[[dict[str, Any]], str]
@@ -306,17 +323,10 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
 
         return detection.main(cfg)
     info = datasets.get_dataset(cfg.dataset)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
+    out = start_run(cfg)
     images, labels = datasets.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit, cfg.download)
     x, y = datasets.to_nchw(images), torch.from_numpy(labels)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, int(round(len(y) * cfg.val_fraction)))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    val_idx, train_idx = split_indices(len(y), cfg)
     train_ds = datasets.ImageTensorDataset(x[train_idx], y[train_idx], info,
                                            datasets.augmentation(cfg.augment, info.image_size))
     val_ds = datasets.ImageTensorDataset(x[val_idx], y[val_idx], info)
