@@ -3,6 +3,7 @@ print. Heavy imports (torch) happen inside the commands, so ``dlpipe --help`` st
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -78,6 +79,20 @@ def models_cmd(as_json: bool) -> None:
          table(rows, ["model", "task", "default dataset", "description"]))
 
 
+def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
+    """``KEY=VALUE`` pairs -> dict, each VALUE read as JSON (a bare word stays a string)."""
+    args = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param=param)
+        try:
+            args[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            args[key.strip()] = value
+    return args or None
+
+
 @cli.command("train")
 @click.argument("model")
 @click.option("--dataset", default=None,
@@ -92,6 +107,9 @@ def models_cmd(as_json: bool) -> None:
 @click.option("--weight-decay", type=float, default=None)
 @click.option("--init", default=None, help="Weight init: default, he, xavier or lecun.")
 @click.option("--batch-norm/--no-batch-norm", default=None, help="Insert batch normalisation (model default).")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", callback=_model_args,
+              help="A keyword argument for the model's builder, VALUE as JSON (e.g. widths=[32,64,96,128,192]); "
+                   "repeatable.")
 @click.option("--schedule", default="none", show_default=True, help="none, step, cosine or onecycle.")
 @click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)

@@ -43,14 +43,18 @@ def test_models_lists_the_registry():
 def chain(tmp_path_factory, data_dir):
     d = tmp_path_factory.mktemp("cli")
     train = json.loads(run("train", "dmlp", "--dataset", "mnist", "--data-dir", data_dir, "--epochs", "1",
-                           "--limit", "6000", "--out", d / "run", "--no-progress", "--json").stdout)
+                           "--limit", "6000", "--model-arg", "hidden=[256, 128]", "--out", d / "run", "--no-progress",
+                           "--json").stdout)
     export = json.loads(run("export", train["best"], "--out", d / "m.onnx", "--json").stdout)
     quant = json.loads(run("quantize", d / "m.onnx", "--to", "int8", "--data-dir", data_dir, "--json").stdout)
     return {"dir": d, "train": train, "export": export, "quant": quant, "data_dir": data_dir}
 
 
 def test_train_export_quantize(chain):
+    from dlpipe.training.checkpoint import load_checkpoint
+
     assert chain["train"]["test_acc"] > 0.85
+    assert load_checkpoint(chain["train"]["best"])["model_args"]["hidden"] == [256, 128]  # --model-arg, JSON value
     assert (chain["dir"] / "run" / "metrics.jsonl").read_text().count("\n") == 1
     assert [p["batch"] for p in chain["export"]["parity"]] == [1, 16]
     assert chain["quant"]["path"].endswith("m.int8.onnx") and chain["quant"]["agreement"] >= 0.97
@@ -103,6 +107,10 @@ def test_bad_inputs_give_one_line(chain, tmp_path):
     assert_one_line_error(run("classify", d / "m.onnx", text, "--device", "cuda", ok=False), "cuda")
     assert not (tmp_path / "o.onnx").exists()
     assert run("quantize", d / "m.onnx", "--to", "int4", ok=False).exit_code == 2  # click's usage error
+    assert_one_line_error(run("train", "dmlp", "--model-arg", "widths=[8]", "--out", tmp_path / "r", ok=False),
+                          "dmlp takes no model argument 'widths'")
+    usage = run("train", "dmlp", "--model-arg", "hidden", "--out", tmp_path / "r", ok=False)
+    assert usage.exit_code == 2 and "'hidden' is not KEY=VALUE" in usage.output
 
 
 def test_export_users_module_through_the_cli(tmp_path, monkeypatch):

@@ -100,6 +100,25 @@ def test_checkpoint_rebuilds_the_model_from_the_file_alone(tmp_path):
     assert 0 <= ckpt["metrics"]["test_acc"] <= 1
 
 
+def test_model_arguments_reach_the_builder_and_the_checkpoint(tmp_path):
+    result = _tiny(tmp_path, epochs=1, model_args={"hidden": [24, 12]})
+    ckpt = load_checkpoint(result["best"])
+    assert ckpt["model_args"]["hidden"] == [24, 12]
+    widths = [m.out_features for m in model_from_checkpoint(ckpt).modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [24, 12, 6]
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ({"hiden": [8]}, "dmlp takes no model argument 'hiden'; it takes batch_norm, dropout, hidden"),
+    ({"num_classes": 3}, "'num_classes' is set from the dataset"),
+    ({"hidden": "wide"}, "cannot build dmlp with model arguments"),
+])
+def test_bad_model_arguments_are_clear_errors(tmp_path, model_args, message):
+    with pytest.raises(InputError, match=message):
+        _tiny(tmp_path, epochs=1, model_args=model_args)
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
 def test_early_stopping_stops(tmp_path):
     result = _tiny(tmp_path, epochs=6, patience=1, lr=10.0, optimizer="sgd")  # a hopeless lr never improves
     assert len(result["history"]) < 6

@@ -300,7 +300,7 @@ def train_captioner(cfg, options: CaptionOptions | None = None) -> dict[str, Any
         Paths, best validation BLEU (also as ``best_val_acc``), test BLEU-4 and exact-match rate (greedy
         and beam search), the history and the training time.
     """
-    from dlpipe.training.train import build_optimizer, build_scheduler
+    from dlpipe.training.train import build_model, build_optimizer, build_scheduler, check_model_args
 
     opts = options or CaptionOptions()
     spec = get_spec(cfg.model)
@@ -336,7 +336,8 @@ def train_captioner(cfg, options: CaptionOptions | None = None) -> dict[str, Any
     model_args = {"in_channels": 3, "image_size": [opts.image_size] * 2, "vocab_size": len(vocabulary),
                   "embed_dim": opts.embed_dim, "hidden": opts.hidden, "widths": list(opts.widths), "grid": opts.grid,
                   "pad_id": vocabulary.pad_id}
-    model = spec.build(**model_args)
+    check_model_args(spec, cfg.model_args)
+    model, model_args = build_model(spec, model_args, cfg.model_args)
     optimizer = build_optimizer(optimizer_name, model.parameters(), lr, cfg.momentum, weight_decay)
     steps = -(-len(pairs) // batch_size)
     scheduler = build_scheduler(cfg.schedule, optimizer, lr, epochs, steps)

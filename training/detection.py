@@ -153,7 +153,7 @@ def model_args_for(info: datasets.DatasetInfo) -> dict[str, Any]:
 
 def main(cfg) -> dict[str, Any]:
     """Train a detector as :func:`dlpipe.training.train.main` trains the other tasks (``cfg`` resolved)."""
-    from dlpipe.training.train import build_optimizer, build_scheduler, fit, split_indices, start_run
+    from dlpipe.training.train import build_model, build_optimizer, build_scheduler, fit, split_indices, start_run
 
     spec = get_spec(cfg.model)
     info = datasets.get_dataset(cfg.dataset)
@@ -166,8 +166,7 @@ def main(cfg) -> dict[str, Any]:
     val_x, val_targets = x[val_idx], [targets[i] for i in val_idx]
     train_loader = _loader(train_ds, cfg.batch_size, True, cfg.seed)
 
-    model_args = model_args_for(info)
-    model = spec.build(**model_args)
+    model, model_args = build_model(spec, model_args_for(info), cfg.model_args)
     optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                 cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(train_loader))

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -58,6 +59,8 @@ class TrainConfig:
     """Weight initialisation: default, he, xavier or lecun; the model's recipe when None."""
     batch_norm: bool | None = None
     """Insert batch normalisation; the model's own default when None."""
+    model_args: dict[str, Any] | None = None
+    """More keyword arguments for the model's builder (e.g. ``{"widths": [32, 64, 96, 128, 192]}``)."""
     schedule: str = "none"
     """Learning-rate schedule: none, step (x0.1 at 1/2 and 3/4), cosine or onecycle (per step)."""
     augment: str = "none"
@@ -105,7 +108,39 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise InputError(f"{out.model} is a {spec.task} model but dataset {out.dataset!r} is for {info.task}")
     if info.task == "detection" and out.augment not in ("none", "flip"):
         raise InputError(f"detection supports --augment none or flip (boxes follow the image), not {out.augment!r}")
+    check_model_args(spec, out.model_args)
     return out
+
+
+# builder arguments the dataset decides (and, for detectors, its normalisation and image scale)
+DATASET_MODEL_ARGS = ("in_channels", "num_classes", "image_size", "image_mean", "image_std", "min_size", "max_size",
+                      "vocab_size", "pad_id")
+
+
+def check_model_args(spec, extra: dict[str, Any] | None) -> None:
+    """Refuse builder arguments the builder does not take, and those the dataset sets."""
+    if not extra:
+        return
+    params = inspect.signature(spec.builder).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    allowed = sorted(k for k in params if k not in DATASET_MODEL_ARGS and params[k].kind is inspect.Parameter.KEYWORD_ONLY)
+    for key in extra:
+        if key in DATASET_MODEL_ARGS:
+            raise InputError(f"model argument {key!r} is set from the dataset; it cannot be given")
+        if key not in params and not open_ended:
+            raise InputError(f"{spec.name} takes no model argument {key!r}; it takes "
+                             f"{', '.join(allowed) if allowed else 'none'}")
+
+
+def build_model(spec, model_args: dict[str, Any], extra: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """``spec``'s module from the dataset's ``model_args`` and the user's ``extra`` ones (both returned merged)."""
+    model_args = {**model_args, **(extra or {})}
+    try:
+        return spec.build(**model_args), model_args
+    except (TypeError, ValueError) as e:
+        if not extra:
+            raise
+        raise InputError(f"cannot build {spec.name} with model arguments {extra}: {e}") from None
 
 
 def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -337,7 +372,7 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
                                   "num_classes": len(info.labels)}
     if cfg.batch_norm is not None:
         model_args["batch_norm"] = cfg.batch_norm
-    model = spec.build(**model_args)
+    model, model_args = build_model(spec, model_args, cfg.model_args)
     init_weights(model, cfg.init)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(train_loader))
