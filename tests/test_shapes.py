@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from dlpipe.training.shapes import KINDS, ShapesWorld
+from dlpipe.training.shapes import COLOURS, KINDS, ShapesWorld
 
 
 def test_same_seed_same_images_other_seed_other_images():
@@ -51,3 +51,22 @@ def test_shapes_differ_from_background():
         inside = image[mask > 0].astype(float).mean(0)
         outside = image[mask == 0].astype(float).mean(0)
         assert np.abs(inside - outside).max() > 20
+
+
+def test_mask_is_what_the_image_shows():
+    """Each pixel's label is the one whose colour covers most of it, not a rasterised outline around the
+    antialiased shape (1x polygons were half a pixel wider: 14% of shape pixels looked like background)."""
+    world = ShapesWorld(seed=5, image_size=(64, 96), radius=(0.1, 0.2))
+    disagree = shape_pixels = 0
+    for i in range(60):
+        scene = world.scene(i)
+        if scene.background != "solid":
+            continue
+        image, mask = world.render(scene)
+        x = image.astype(float)
+        nearer_shape = (np.linalg.norm(x - COLOURS[scene.shapes[0].colour], axis=-1)
+                        < np.linalg.norm(x - scene.background_colours[0], axis=-1))
+        disagree += (nearer_shape != (mask > 0)).sum()
+        shape_pixels += (mask > 0).sum()
+    assert shape_pixels > 1000
+    assert disagree / shape_pixels < 0.05  # pixel noise only (measured 2%)

@@ -148,24 +148,18 @@ class ShapesWorld:
             stripes = ((np.arange(h * s)[:, None] + np.arange(w * s)[None, :]) // (3 * s)) % 2
             bg = np.where(stripes[..., None] == 0, c0, c0 * 0.75 + c1 * 0.25)
         canvas = Image.fromarray(np.ascontiguousarray(bg).astype(np.uint8), "RGB")
-        mask = Image.new("L", (w, h), 0)
-        draw, mdraw = ImageDraw.Draw(canvas), ImageDraw.Draw(mask)
+        draw = ImageDraw.Draw(canvas)
         for shape in scene.shapes:
             draw.polygon(shape.polygon(scale=s), fill=COLOURS[shape.colour])
-            mdraw.polygon(shape.polygon(), fill=shape.label + 1)
         image = np.asarray(canvas.resize((w, h), Image.Resampling.BOX), dtype=np.float32)
         if scene.noise > 0:
             image = image + np.random.default_rng(scene.noise_seed).normal(0, scene.noise, image.shape)
-        return np.clip(image, 0, 255).round().astype(np.uint8), np.asarray(mask, dtype=np.uint8)
+        mask = _supersampled_mask(scene, [shape.label + 1 for shape in scene.shapes])
+        return np.clip(image, 0, 255).round().astype(np.uint8), mask
 
     def instance_mask(self, scene: Scene) -> np.ndarray:
         """``HxW`` uint8 mask holding ``i + 1`` where shape ``i`` of the scene is visible, 0 elsewhere."""
-        h, w = scene.size
-        mask = Image.new("L", (w, h), 0)
-        draw = ImageDraw.Draw(mask)
-        for i, shape in enumerate(scene.shapes):
-            draw.polygon(shape.polygon(), fill=i + 1)
-        return np.asarray(mask, dtype=np.uint8)
+        return _supersampled_mask(scene, list(range(1, len(scene.shapes) + 1)))
 
     def detection_set(self, count: int, start: int = 0, min_pixels: int = 12) -> tuple[np.ndarray, list[dict]]:
         """``count`` scenes with the boxes and labels of their visible shapes, scenes ``start .. start+count-1``.
@@ -208,6 +202,23 @@ class ShapesWorld:
         for i in range(count):
             images[i], masks[i] = self.render(self.scene(start + i))
         return images, masks
+
+
+def _supersampled_mask(scene: Scene, values: list[int]) -> np.ndarray:
+    """``HxW`` uint8 mask of ``scene``'s shapes (``values[i]`` for shape ``i``, 0 for the background), drawn
+    at the image's supersampling and giving each pixel the value that covers most of it: the mask of what the
+    image shows. (Polygons rasterised at 1x also take every pixel the outline touches, about half a pixel
+    wider than the antialiased shapes in the image.)"""
+    h, w = scene.size
+    s = _SUPERSAMPLE
+    big = Image.new("L", (w * s, h * s), 0)
+    draw = ImageDraw.Draw(big)
+    for shape, value in zip(scene.shapes, values):
+        draw.polygon(shape.polygon(scale=s), fill=value)
+    k = max(values, default=0) + 1
+    pixel = (np.arange(h * s)[:, None] // s) * w + np.arange(w * s)[None, :] // s  # output pixel of each sample
+    counts = np.bincount((pixel * k + np.asarray(big)).ravel(), minlength=h * w * k).reshape(h, w, k)
+    return counts.argmax(axis=-1).astype(np.uint8)  # ties: the lower value (background first)
 
 
 def boxes_from_instances(instances: np.ndarray, classes: np.ndarray, min_pixels: int = 12) -> dict[str, np.ndarray]:
