@@ -38,6 +38,9 @@ EXPORT_CASES = {
     "dqn-atari": "ALE/Pong-v5",
 }
 
+# Builder options that change the graph, exported too (passed as `dlpipe train --model-arg`).
+EXPORT_VARIANTS = [("fcn2s", {"fusion": "conv", "decoder_width": 16, "batch_norm": True})]
+
 
 # Models whose outputs are not one batched tensor have their export parity proven in their own tests.
 EXPORT_TESTED_ELSEWHERE = {
@@ -51,14 +54,15 @@ def test_every_registered_model_has_an_export_case():
     assert not missing, f"registered models without an export test: {sorted(missing)}"
 
 
-def make_checkpoint(path: Path, model: str, dataset: str, data_dir: str | None) -> Path:
+def make_checkpoint(path: Path, model: str, dataset: str, data_dir: str | None, model_args: dict | None = None) -> Path:
     """A checkpoint of a freshly initialised model, with real example images from ``dataset``."""
     if get_spec(model).task == "control":  # DQN: ``dataset`` is an environment id
         from dlpipe.training.dqn import untrained_checkpoint
 
         return untrained_checkpoint(path, model, dataset)
     info = datasets.get_dataset(dataset)
-    args = {"in_channels": info.channels, "image_size": list(info.image_size), "num_classes": len(info.labels)}
+    args = {"in_channels": info.channels, "image_size": list(info.image_size), "num_classes": len(info.labels),
+            **(model_args or {})}
     torch.manual_seed(0)
     module = get_spec(model).build(**args)
     init_weights(module, "he")
@@ -75,11 +79,13 @@ def mnist_root(request):
     return request.getfixturevalue("data_dir")
 
 
-@pytest.mark.parametrize("model", sorted(EXPORT_CASES))
-def test_export_parity_at_two_batch_sizes(model, tmp_path, request):
+@pytest.mark.parametrize("model, model_args", [(m, {}) for m in sorted(EXPORT_CASES)] + EXPORT_VARIANTS,
+                         ids=[*sorted(EXPORT_CASES), *(f"{m}-" + "-".join(f"{k}={v}" for k, v in a.items())
+                                                       for m, a in EXPORT_VARIANTS)])
+def test_export_parity_at_two_batch_sizes(model, model_args, tmp_path, request):
     dataset = EXPORT_CASES[model]
     data_dir = request.getfixturevalue("data_dir") if dataset != "shapes" else None
-    ckpt = make_checkpoint(tmp_path / "m.pt", model, dataset, data_dir)
+    ckpt = make_checkpoint(tmp_path / "m.pt", model, dataset, data_dir, model_args)
     report = export_checkpoint(ckpt, tmp_path / "m.onnx")
     # exported on a batch of 2, checked on 1 and 16 real images (at a second resolution when the
     # height and width are dynamic)

@@ -21,8 +21,9 @@ from dlpipe.training.train import TrainConfig, build_optimizer, init_weights, ma
 @pytest.mark.parametrize("name", list_models("segmentation"))
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_fcn_is_fully_convolutional(name, size, batch_norm):
-    model = get_spec(name).build(in_channels=3, num_classes=7, batch_norm=batch_norm).eval()
+@pytest.mark.parametrize("fusion", ["sum", "conv"])
+def test_fcn_is_fully_convolutional(name, size, batch_norm, fusion):
+    model = get_spec(name).build(in_channels=3, num_classes=7, batch_norm=batch_norm, fusion=fusion).eval()
     assert model(torch.randn(2, 3, *size)).shape == (2, 7, *size)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == batch_norm
 
@@ -45,6 +46,18 @@ def test_fcn_skips_start_silent_and_learn(name, skips):
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 7, (2, 64, 64)))
     loss.backward()
     assert all(getattr(model, s).weight.grad.abs().sum() > 0 for s in skips)
+
+
+def test_conv_fusion_joins_every_skip_through_a_convolution():
+    torch.manual_seed(0)
+    model = get_spec("fcn2s").build(in_channels=3, num_classes=7, fusion="conv", decoder_width=8)
+    assert len(model.fuse) == 4 and [f[0].in_channels for f in model.fuse] == [8 + 96, 8 + 64, 8 + 32, 8 + 16]
+    assert not any(n.startswith("score_pool") for n, _ in model.named_children())
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.randint(0, 7, (2, 64, 64)))
+    loss.backward()
+    assert all(f[0].weight.grad.abs().sum() > 0 for f in model.fuse)
+    with pytest.raises(ValueError, match="fusion must be one of sum, conv"):
+        get_spec("fcn8s").build(in_channels=3, num_classes=7, fusion="concat")
 
 
 def test_scenes_masks_match_the_images():

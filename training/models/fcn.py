@@ -3,6 +3,12 @@ replaced by equivalent convolutions, a 1x1 class scorer, and transposed convolut
 bilinear interpolation, with skip connections from pool4 (FCN-16s) and pool3 (FCN-8s), and, for small
 objects, on to pool2 (FCN-4s) and pool1 (FCN-2s).
 
+Two ways to join a skip (``fusion``): ``sum``, the paper's, adds a 1x1 class scorer of the earlier stage
+to the upsampled class scores; ``conv``, as FCN's descendants do (U-Net, DeepLabv3+'s decoder), carries
+``decoder_width`` feature channels instead of class scores, concatenates the earlier stage's features and
+convolves them (3x3, ReLU) before the next upsampling. A sum of linear scorers cannot tell which side
+of an edge a shape is on when colours vary, so ``sum`` stays blurred at object boundaries.
+
 Fully convolutional: any input whose height and width are multiples of 32 (the runtime pads).
 """
 
@@ -43,12 +49,19 @@ def _upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
     return up
 
 
+FUSIONS = ("sum", "conv")
+
+
 class FCN(nn.Module):
-    """FCN-32s / 16s / 8s over a five-stage VGG-style backbone."""
+    """FCN-32s / 16s / 8s / 4s / 2s over a five-stage VGG-style backbone."""
 
     def __init__(self, in_channels: int, num_classes: int, widths: Sequence[int], fc_width: int, variant: str,
-                 dropout: float, batch_norm: bool):
+                 dropout: float, batch_norm: bool, fusion: str = "sum", decoder_width: int = 32):
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, not {fusion!r}")
+        if len(widths) != 5:
+            raise ValueError(f"widths must give the five backbone stages, got {len(widths)}")
 
         def norm(c: int) -> nn.Module:
             return nn.BatchNorm2d(c) if batch_norm else nn.Identity()
@@ -63,15 +76,24 @@ class FCN(nn.Module):
         # fc6/fc7 of the classifier, as convolutions (fc6 sees a 3x3 window of pool5)
         self.fc = nn.Sequential(nn.Conv2d(cin, fc_width, 3, padding=1), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
                                 nn.Conv2d(fc_width, fc_width, 1), nn.ReLU(inplace=True), nn.Dropout2d(dropout))
-        self.score = nn.Conv2d(fc_width, num_classes, 1)
-        self.variant = variant
+        self.variant, self.fusion = variant, fusion
         self.skips = SKIPS[variant]
-        # each skip: upsample the running score 2x and add a 1x1 scorer of an earlier pooling stage
-        for up, skip, stage in _SKIP_CHAIN[:self.skips]:
-            setattr(self, skip, nn.Conv2d(widths[stage], num_classes, 1))
-            setattr(self, up, _upsample(num_classes, 2))
-            nn.init.zeros_(getattr(self, skip).weight)  # skips start silent, as in the paper
-            nn.init.zeros_(getattr(self, skip).bias)
+        if fusion == "sum":
+            self.score = nn.Conv2d(fc_width, num_classes, 1)
+            # each skip: upsample the running score 2x and add a 1x1 scorer of an earlier pooling stage
+            for up, skip, stage in _SKIP_CHAIN[:self.skips]:
+                setattr(self, skip, nn.Conv2d(widths[stage], num_classes, 1))
+                setattr(self, up, _upsample(num_classes, 2))
+                nn.init.zeros_(getattr(self, skip).weight)  # skips start silent, as in the paper
+                nn.init.zeros_(getattr(self, skip).bias)
+        else:
+            # each skip: upsample the running features 2x, concatenate the earlier stage's, 3x3 conv + ReLU
+            self.reduce = nn.Conv2d(fc_width, decoder_width, 1)
+            self.ups = nn.ModuleList(_upsample(decoder_width, 2) for _ in range(self.skips))
+            self.fuse = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(decoder_width + widths[stage], decoder_width, 3, padding=1),
+                              norm(decoder_width), nn.ReLU(inplace=True)) for _, _, stage in _SKIP_CHAIN[:self.skips])
+            self.score = nn.Conv2d(decoder_width, num_classes, 1)
         self.up_final = _upsample(num_classes, STRIDE >> self.skips)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,18 +101,25 @@ class FCN(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        score = self.score(self.fc(x))
-        for up, skip, stage in _SKIP_CHAIN[:self.skips]:
-            score = getattr(self, up)(score) + getattr(self, skip)(feats[stage])
+        x = self.fc(x)
+        if self.fusion == "sum":
+            score = self.score(x)
+            for up, skip, stage in _SKIP_CHAIN[:self.skips]:
+                score = getattr(self, up)(score) + getattr(self, skip)(feats[stage])
+        else:
+            x = self.reduce(x)
+            for up, fuse, (_, _, stage) in zip(self.ups, self.fuse, _SKIP_CHAIN):
+                x = fuse(torch.cat([up(x), feats[stage]], dim=1))
+            score = self.score(x)
         return self.up_final(score)
 
 
 def _fcn(variant: str):
     def build(*, in_channels: int, num_classes: int, image_size: Sequence[int] | None = None,
               widths: Sequence[int] = (16, 32, 64, 96, 128), fc_width: int = 256, dropout: float = 0.2,
-              batch_norm: bool = False) -> nn.Module:
+              batch_norm: bool = False, fusion: str = "sum", decoder_width: int = 32) -> nn.Module:
         del image_size  # fully convolutional
-        return FCN(in_channels, num_classes, widths, fc_width, variant, dropout, batch_norm)
+        return FCN(in_channels, num_classes, widths, fc_width, variant, dropout, batch_norm, fusion, decoder_width)
 
     build.__name__ = build.__qualname__ = f"fcn{variant}"
     build.__doc__ = f"FCN-{variant} segmentation network."
