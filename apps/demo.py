@@ -25,7 +25,8 @@ from dlpipe.training.train import TrainConfig, main as train
 
 # The other tasks, each briefly: (model, dataset, training overrides, quick overrides, metric key, metric name).
 TASK_DEMOS = {
-    "segmentation": ("fcn8s", "shapes-scenes", dict(epochs=8, limit=3000, lr=3e-3, batch_norm=True),
+    "segmentation": ("fcn2s", "shapes-scenes", dict(epochs=8, limit=3000, lr=3e-3, batch_norm=True,
+                                                    model_args={"fusion": "conv"}),
                      dict(epochs=1, limit=96), "miou", "mean IoU"),
     "detection": ("rcnn", "shapes-boxes", dict(epochs=4, limit=2400, lr=2e-3),
                   dict(epochs=1, limit=96), "map50", "mAP@0.5"),

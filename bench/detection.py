@@ -127,8 +127,8 @@ def main() -> None:
     print(table(rows, ["variant", "mAP@0.5", "mAP@[.5:.95]", "points lost", "detections agree"]))
     if train_seconds is not None:
         print(f"training: {train_seconds / 60:.1f} min")
-    for name, ok in targets.items():
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    for target, ok in targets.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {target}")
     path = write_result(name, {
         "recipe": RECIPE | {"epochs": args.epochs, "dataset": stored["dataset"]["name"]}, "checkpoint": str(ckpt),
         "training": {"seconds": train_seconds, "epoch": stored.get("epoch"), "metrics": stored.get("metrics")},

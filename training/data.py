@@ -22,6 +22,7 @@ from dlpipe.training.shapes import KINDS, ShapesWorld, boxes_from_instances
 SHAPES_SEED = 20240601
 SHAPES_TRAIN, SHAPES_TEST = 12_000, 2_000
 SCENES_TRAIN, SCENES_TEST = 6_000, 1_000
+SHAPES_SCENES_TRAIN = 27_000  # generated, so segmentation sees more scenes instead of the same ones again
 _SHAPES_TEST_START = 1_000_000  # test scenes are drawn far from the training indices
 
 
@@ -99,7 +100,7 @@ def _shapes_loader(split: str, root: Path, download: bool, limit: int | None) ->
 def _scenes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     del root, download
     world = ShapesWorld(seed=SHAPES_SEED + 1, image_size=64, shapes_per_scene=(1, 4), radius=(0.12, 0.25))
-    count = SCENES_TRAIN if split == "train" else SCENES_TEST
+    count = SHAPES_SCENES_TRAIN if split == "train" else SCENES_TEST
     count = count if limit is None else min(limit, count)
     return world.segmentation_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
 

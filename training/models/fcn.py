@@ -135,6 +135,6 @@ fcn32s, fcn16s, fcn8s, fcn4s, fcn2s = (_fcn(v) for v in SKIPS)
 for _variant, _builder in zip(SKIPS, (fcn32s, fcn16s, fcn8s, fcn4s, fcn2s)):
     register_model(ModelSpec(name=f"fcn{_variant}", task="segmentation", builder=_builder,
                              default_dataset="shapes-scenes", contract=SEGMENTATION_CONTRACT,
-                             recipe=TrainRecipe(optimizer="adam", lr=1e-3, epochs=10, batch_size=32, init="he"),
+                             recipe=TrainRecipe(optimizer="adam", lr=1e-3, epochs=4, batch_size=32, init="he"),
                              description=f"FCN-{_variant}: VGG-style backbone, conv fc6/fc7, bilinear upsampling"
                                          + ("" if _variant == "32s" else " with skips")))
