@@ -204,6 +204,8 @@ def test_train_command_dispatches_to_dqn(tmp_path):
     assert load_checkpoint(doc["best"])["config"]["buffer_size"] == 1000
     res = CliRunner().invoke(cli, ["train", "dqn-cartpole", "--epochs", "3", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "--epochs does not apply" in res.output
+    res = CliRunner().invoke(cli, ["train", "dqn-cartpole", "--model-arg", "hidden=[8]", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "--model-arg does not apply" in res.output
     res = CliRunner().invoke(cli, ["train", "dqn-cartpole", "--env", "Nope-v0", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "unknown environment id 'Nope-v0'" in res.output
 

@@ -490,7 +490,7 @@ def _plain(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-_NOT_FOR_DQN = ("dataset", "epochs", "optimizer", "weight_decay", "init", "batch_norm", "limit", "resume")
+_NOT_FOR_DQN = ("dataset", "epochs", "optimizer", "weight_decay", "init", "batch_norm", "limit", "resume", "model_arg")
 
 
 def train_command(model: str, *, progress: bool, **opts: Any) -> tuple[dict[str, Any], str]:
@@ -499,6 +499,7 @@ def train_command(model: str, *, progress: bool, **opts: Any) -> tuple[dict[str,
     Raises:
         InputError: an option that only supervised training understands was given.
     """
+    opts["model_arg"] = opts.pop("model_args", None)  # the option is --model-arg
     given = [k for k in _NOT_FOR_DQN if opts.get(k) not in (None, False)]
     if given:
         raise InputError(f"{model} trains in an environment; --{given[0].replace('_', '-')} does not apply "
