@@ -7,10 +7,10 @@ Example:
 """
 
 from dlpipe.runtime.captioner import Caption, Captioner
-from dlpipe.runtime.engine import Engine, available_devices
+from dlpipe.runtime.engine import Engine, available_devices, read_metadata
 from dlpipe.runtime.errors import (DataNotFoundError, DeviceUnavailableError, DlpipeError, InputError,
                                    ModelFileError)
-from dlpipe.runtime.metadata import ModelInfo, read_metadata
+from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.runtime.policy import Policy, PolicyOutput
 from dlpipe.runtime.predictors import (Classification, Classifier, Detection, Detector, Segmentation, Segmenter,
                                        load)

@@ -147,3 +147,16 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine('{self.path}', providers={self.providers})"
+
+
+def read_metadata(path: str | Path) -> ModelInfo:
+    """Metadata of a dlpipe ONNX file.
+
+    Raises:
+        ModelFileError: missing or corrupt file, or an ONNX file without dlpipe metadata.
+    """
+    engine = Engine(path, device="cpu", graph_optimization="disable")
+    if engine.info is None:
+        raise ModelFileError(f"'{path}' has no dlpipe metadata (it was not written by 'dlpipe export'); "
+                             "it can still be run as a raw dlpipe.runtime.Engine")
+    return engine.info

@@ -83,18 +83,3 @@ def info_from_session(session: Any, path: Path) -> ModelInfo | None:
     if METADATA_KEY not in props:
         return None
     return ModelInfo.from_json(props[METADATA_KEY], f"'{path}'")
-
-
-def read_metadata(path: str | Path) -> ModelInfo:
-    """Metadata of a dlpipe ONNX file.
-
-    Raises:
-        ModelFileError: missing or corrupt file, or an ONNX file without dlpipe metadata.
-    """
-    from dlpipe.runtime.engine import Engine
-
-    engine = Engine(path, device="cpu", graph_optimization="disable")
-    if engine.info is None:
-        raise ModelFileError(f"'{path}' has no dlpipe metadata (it was not written by 'dlpipe export'); "
-                             "it can still be run as a raw dlpipe.runtime.Engine")
-    return engine.info
