@@ -9,13 +9,12 @@
   ``best.pt`` is chosen on validation BLEU-4 (sacrebleu) of greedy captions.
 * Greedy decoding (a PyTorch loop) and beam search (the runtime's, over the PyTorch step).
 
-``dlpipe train captioner`` arrives here from :func:`dlpipe.training.train.main`.
+``dlpipe train captioner`` arrives here through the task table (:mod:`dlpipe.training.tasks.captioning`).
 """
 
 from __future__ import annotations
 
-import json
-import sys
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,12 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dlpipe.runtime.captioner import Vocabulary, beam_search
 from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
-from dlpipe.training.checkpoint import load_checkpoint, save_checkpoint
-from dlpipe.training.registry import get_spec
+from dlpipe.training.loop import Metric, TaskRun, run_supervised, split_indices
 
 SHAPES_CAPTIONS = "shapes-captions"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -281,47 +280,18 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     return {"bleu": bleu.score / 100, "exact": exact, "images": len(hypotheses)}
 
 
-def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * val_fraction)))
-    return perm[n_val:], perm[:n_val]
-
-
 def _subset(data: CaptionData, idx: torch.Tensor) -> CaptionData:
     return CaptionData(data.images[idx], [data.references[i] for i in idx.tolist()])
 
 
-def train_captioner(cfg, options: CaptionOptions | None = None) -> dict[str, Any]:
-    """Train the captioner described by a :class:`~dlpipe.training.train.TrainConfig`.
-
-    Writes ``best.pt`` (best validation BLEU-4), ``last.pt`` (for ``resume``) and ``metrics.jsonl``.
-
-    Returns:
-        Paths, best validation BLEU (also as ``best_val_acc``), test BLEU-4 and exact-match rate (greedy
-        and beam search), the history and the training time.
-    """
-    from dlpipe.training.train import build_model, build_optimizer, build_scheduler, check_model_args
-
+def prepare(cfg, spec, options: CaptionOptions | None = None) -> TaskRun:
+    """The captioned images split, the vocabulary of the training sentences and the (image, sentence)
+    pairs; validation and test score greedy BLEU-4 (and the test beam search too)."""
     opts = options or CaptionOptions()
-    spec = get_spec(cfg.model)
-    recipe = spec.recipe
-    dataset = cfg.dataset or spec.default_dataset
-    epochs, batch_size = cfg.epochs or recipe.epochs, cfg.batch_size or recipe.batch_size
-    lr, optimizer_name = cfg.lr or recipe.lr, cfg.optimizer or recipe.optimizer
-    weight_decay = recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise InputError("epochs and batch size must be positive and the learning rate above zero")
     if cfg.augment != "none":
         raise InputError("augmentation is not supported for captioning (flips would swap 'left of')")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started, cpu_started = time.perf_counter(), time.process_time()
-
-    data = load_caption_data(dataset, "train", opts.image_size, cfg.limit)
-    train_idx, val_idx = _split(len(data.images), cfg.val_fraction, cfg.seed)
+    data = load_caption_data(cfg.dataset, "train", opts.image_size, cfg.limit)
+    train_idx, val_idx = split_indices(len(data.images), cfg.val_fraction, cfg.seed)
     train, val = _subset(data, train_idx), _subset(data, val_idx)
     vocabulary = Vocabulary.build((s for refs in train.references for s in refs), opts.min_count)
     pairs_list, sequences = [], []
@@ -331,91 +301,50 @@ def train_captioner(cfg, options: CaptionOptions | None = None) -> dict[str, Any
             sequences.append(vocabulary.encode(sentence))
     pairs, tokens = torch.as_tensor(pairs_list), pad_sequences(sequences, vocabulary.pad_id)
     max_len = opts.max_len or min(tokens.shape[1] + 1, 64)  # <bos> is not generated; room for one more word
-    decoding = {"beam": opts.beam, "max_len": max_len, "length_penalty": opts.length_penalty}
-
-    model_args = {"in_channels": 3, "image_size": [opts.image_size] * 2, "vocab_size": len(vocabulary),
-                  "embed_dim": opts.embed_dim, "hidden": opts.hidden, "widths": list(opts.widths), "grid": opts.grid,
-                  "pad_id": vocabulary.pad_id}
-    check_model_args(spec, cfg.model_args)
-    model, model_args = build_model(spec, model_args, cfg.model_args)
-    optimizer = build_optimizer(optimizer_name, model.parameters(), lr, cfg.momentum, weight_decay)
-    steps = -(-len(pairs) // batch_size)
-    scheduler = build_scheduler(cfg.schedule, optimizer, lr, epochs, steps)
     generator = torch.Generator().manual_seed(cfg.seed)
+    # batches are drawn by train_one_epoch from a seeded permutation; the loader only counts them
+    batches = DataLoader(range(len(pairs)), batch_size=cfg.batch_size, shuffle=True, generator=generator)
 
-    start_epoch, best_bleu, history, stale = 0, -1.0, [], 0
-    if cfg.resume:
-        state = load_checkpoint(cfg.resume)
-        if state["model"] != cfg.model or state["model_args"] != model_args:
-            raise ModelFileError(f"'{cfg.resume}' holds a {state['model']} with other arguments; cannot resume")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best_bleu, history = state["epoch"], state["best_val_bleu"], list(state["history"])
-        generator.set_state(state["loader_rng"])
+    def test(model: nn.Module) -> dict[str, Any]:
+        # real caption files have one split: the validation part stands in for the test set
+        held = load_caption_data(cfg.dataset, "test", opts.image_size, cfg.test_limit) \
+            if cfg.dataset == SHAPES_CAPTIONS else val
+        greedy = caption_scores(caption_images(model, held.images, vocabulary, max_len), held.references)
+        beam = caption_scores(caption_images(model, held.images, vocabulary, max_len, opts.beam, opts.length_penalty),
+                              held.references)
+        return {**greedy, **{f"beam_{k}": v for k, v in beam.items()}, "beam": opts.beam}
 
     n_examples = min(max(cfg.examples, 4), len(val.images))
-    base = {"model": cfg.model, "task": spec.task, "model_args": model_args, "config": {**asdict(cfg),
-            "caption_options": asdict(opts), "dataset": dataset},
-            "dataset": {"name": dataset, "labels": [], "preprocessing": preprocessing(opts.image_size)},
-            "vocabulary": list(vocabulary.tokens), "decoding": decoding,
-            "examples": normalize(val.images[:n_examples]),
-            "example_tokens": pad_sequences([vocabulary.encode(r[0]) for r in val.references[:n_examples]],
-                                            vocabulary.pad_id),
-            "versions": {"torch": str(torch.__version__)}}
-    log_path = out / "metrics.jsonl"
-    if start_epoch == 0:
-        log_path.write_text("")
-    bar = tqdm(total=len(pairs) * (epochs - start_epoch), unit="cap", disable=not cfg.progress,
-               desc=f"{cfg.model}/{dataset}", dynamic_ncols=True)
-    for epoch in range(start_epoch, epochs):
-        row = {"epoch": epoch + 1, **train_one_epoch(model, train, pairs, tokens, optimizer, batch_size,
-                                                     opts.grad_clip, vocabulary.pad_id, generator, scheduler, bar)}
-        hyps = caption_images(model, val.images, vocabulary, max_len)
-        row.update({f"val_{k}": v for k, v in caption_scores(hyps, val.references).items()})
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        row["elapsed_s"] = time.perf_counter() - started
-        history.append(row)
-        with log_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        improved = row["val_bleu"] > best_bleu
-        if improved:
-            best_bleu, stale = row["val_bleu"], 0
-            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1,
-                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
-        else:
-            stale += 1
-        bar.write(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} val BLEU-4 {row['val_bleu']:.4f} "
-                  f"exact {row['val_exact']:.4f}{' *' if improved else ''}", file=sys.stderr)
-        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": epoch + 1, "best_val_bleu": best_bleu,
-                         "history": history, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "loader_rng": generator.get_state()}, out / "last.pt")
-        if cfg.patience and stale >= cfg.patience:
-            bar.write(f"early stopping: no validation improvement in {cfg.patience} epochs", file=sys.stderr)
-            break
-    bar.close()
-    train_seconds, train_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    return TaskRun(
+        model_args={"in_channels": 3, "image_size": [opts.image_size] * 2, "vocab_size": len(vocabulary),
+                    "embed_dim": opts.embed_dim, "hidden": opts.hidden, "widths": list(opts.widths),
+                    "grid": opts.grid, "pad_id": vocabulary.pad_id},
+        train_loader=batches, images_per_epoch=len(pairs),
+        train_epoch=lambda model, opt, sched, bar: train_one_epoch(model, train, pairs, tokens, opt, cfg.batch_size,
+                                                                   opts.grad_clip, vocabulary.pad_id, generator,
+                                                                   sched, bar),
+        validate=lambda model: caption_scores(caption_images(model, val.images, vocabulary, max_len), val.references),
+        test=test, examples=normalize(val.images[:n_examples]),
+        dataset={"name": cfg.dataset, "labels": [], "preprocessing": preprocessing(opts.image_size)},
+        extra={"vocabulary": list(vocabulary.tokens),
+               "decoding": {"beam": opts.beam, "max_len": max_len, "length_penalty": opts.length_penalty},
+               "example_tokens": pad_sequences([vocabulary.encode(r[0]) for r in val.references[:n_examples]],
+                                               vocabulary.pad_id)},
+        config={"caption_options": asdict(opts)})
 
-    best = load_checkpoint(out / "best.pt")
-    model.load_state_dict(best["state_dict"])
-    # real caption files have one split: the validation part stands in for the test set
-    test = (load_caption_data(dataset, "test", opts.image_size, cfg.test_limit) if dataset == SHAPES_CAPTIONS
-            else val)
-    greedy = caption_scores(caption_images(model, test.images, vocabulary, max_len), test.references)
-    beam = caption_scores(caption_images(model, test.images, vocabulary, max_len, opts.beam, opts.length_penalty),
-                          test.references)
-    best["metrics"].update({f"test_{k}": v for k, v in greedy.items()})
-    best["metrics"].update({f"test_beam_{k}": v for k, v in beam.items()})
-    best["metrics"].update(train_seconds=train_seconds, train_cpu_seconds=train_cpu_seconds)
-    save_checkpoint(best, out / "best.pt")
-    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path),
-            "best_val_acc": best_bleu, "best_val_bleu": best_bleu, "test_acc": greedy["exact"],
-            "test_bleu": greedy["bleu"], "test_exact": greedy["exact"], "test_beam_bleu": beam["bleu"],
-            "test_beam_exact": beam["exact"], "beam": opts.beam, "train_seconds": train_seconds,
-            "train_cpu_seconds": train_cpu_seconds,
-            "history": history}
+
+def train_captioner(cfg, options: CaptionOptions | None = None) -> dict[str, Any]:
+    """Train the captioner described by a :class:`~dlpipe.training.loop.TrainConfig` (and ``options``) on
+    the shared loop: ``best.pt`` on validation BLEU-4, ``last.pt`` and ``metrics.jsonl``.
+
+    Returns:
+        Paths, the best validation BLEU-4, test BLEU-4 and exact-match rate (greedy, and ``test_beam_*`` with
+        beam search), the history and the training time.
+    """
+    return run_supervised(cfg, functools.partial(prepare, options=options), METRIC, "captioning")
+
+
+METRIC = Metric("bleu", "BLEU-4", (("bleu", "val BLEU-4"), ("exact", "exact")))
 
 
 def model_and_vocabulary(ckpt: dict[str, Any]) -> tuple[nn.Module, Vocabulary]:

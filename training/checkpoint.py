@@ -1,11 +1,11 @@
 """Checkpoints that rebuild themselves: the registry name and model arguments sit beside the weights
 (nanoGPT's ``model_args``), so any later stage needs only the file. Loaded with ``weights_only=True``.
+
+Every checkpoint is made by :func:`checkpoint_payload` and written by :func:`save_checkpoint`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +13,49 @@ import torch
 from torch import nn
 
 from dlpipe.runtime.errors import ModelFileError
-from dlpipe.runtime.files import publish
+from dlpipe.runtime.files import atomic_output
 from dlpipe.training.registry import get_spec
 
 FORMAT = "dlpipe.checkpoint"
 VERSION = 1
+# Older checkpoints kept the best validation score under the metric-specific names below.
+_OLD_BEST_KEYS = ("best_val_acc", "best_val_bleu")
+
+
+def checkpoint_payload(*, model: str, task: str, model_args: dict[str, Any], config: dict[str, Any],
+                       dataset: dict[str, Any], examples: torch.Tensor | None, **extra: Any) -> dict[str, Any]:
+    """What every checkpoint holds besides its weights and training state.
+
+    Args:
+        model: Registry name; with ``model_args`` it rebuilds the network.
+        task: The task's name in the task table.
+        config: The run's configuration (plain values only: it is loaded back with ``weights_only``).
+        dataset: ``name``, ``labels`` and ``preprocessing`` (the runtime's input contract).
+        examples: Real preprocessed inputs for the export's parity checks.
+        extra: Task-specific content (a vocabulary, an environment, ...).
+    """
+    return {"model": model, "task": task, "model_args": model_args, "config": _plain(config), "dataset": dataset,
+            "examples": examples, "versions": {"torch": str(torch.__version__)}, **extra}
+
+
+def _plain(doc: dict[str, Any]) -> dict[str, Any]:
+    """Tuples as lists, so the config loads back under ``weights_only=True``."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items()}
+
+
+def best_score(ckpt: dict[str, Any]) -> float:
+    """The best validation score a ``last.pt`` recorded (also from checkpoints written before the rename)."""
+    for key in ("best_val_score", *_OLD_BEST_KEYS):
+        if key in ckpt:
+            return float(ckpt[key])
+    return -float("inf")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` atomically (temporary file, then rename) so a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

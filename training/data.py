@@ -6,7 +6,6 @@ normalisation and labels, which travel with the model into its checkpoint and ON
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dlpipe.runtime.errors import DataNotFoundError, InputError
+from dlpipe.training.dataset_info import DatasetInfo
 from dlpipe.training.shapes import KINDS, ShapesWorld, boxes_from_instances
 
 SHAPES_SEED = 20240601
@@ -24,44 +24,6 @@ SHAPES_TRAIN, SHAPES_TEST = 12_000, 2_000
 SCENES_TRAIN, SCENES_TEST = 6_000, 1_000
 SHAPES_SCENES_TRAIN = 27_000  # generated, so segmentation sees more scenes instead of the same ones again
 _SHAPES_TEST_START = 1_000_000  # test scenes are drawn far from the training indices
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """One dataset: what its images look like and how to load a split.
-
-    Attributes:
-        name: ``--dataset`` value.
-        channels: 1 (grayscale) or 3 (RGB).
-        image_size: ``(height, width)``.
-        mean: Per-channel mean of pixel values scaled to [0, 1].
-        std: Per-channel standard deviation, same scale.
-        labels: Class names, index = class id.
-        loader: ``loader(split, root, download, limit)`` -> ``(uint8 images NxHxW[xC], labels)``: int64
-            class ids for classification, ``NxHxW`` uint8 class masks for segmentation, and for detection
-            one ``{"boxes": Kx4 float32 x0,y0,x1,y1, "labels": K int64 (0 is the background)}`` dict per image.
-        task: ``classification``, ``segmentation`` or ``detection``.
-    """
-
-    name: str
-    channels: int
-    image_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    labels: tuple[str, ...]
-    loader: Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]
-    task: str = "classification"
-
-    def preprocessing(self) -> dict:
-        """The preprocessing contract written into checkpoints and ONNX metadata (segmentation and
-        detection keep the image's own size; a detector takes one CHW image in [0, 1] and normalises
-        inside, with ``mean``/``std`` given to the model)."""
-        if self.task == "detection":
-            return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": "none",
-                    "scale": 1 / 255, "mean": [0.0] * self.channels, "std": [1.0] * self.channels, "layout": "CHW"}
-        resize = "none" if self.task == "segmentation" else "bilinear"
-        return {"color": "L" if self.channels == 1 else "RGB", "size": list(self.image_size), "resize": resize,
-                "scale": 1 / 255, "mean": list(self.mean), "std": list(self.std), "layout": "NCHW"}
 
 
 def default_data_dir() -> Path:
@@ -245,15 +207,15 @@ def augmentation(name: str, image_size: tuple[int, int]) -> v2.Transform | None:
 
 class ImageTensorDataset(Dataset):
     """In-memory uint8 images, normalised per batch; optional per-image torchvision v2 augmentation
-    (applied to an image and its segmentation mask together, as ``tv_tensors.Image``/``Mask``).
+    (with ``masks``, applied to an image and its segmentation mask together, as ``tv_tensors.Image``/``Mask``).
 
     It implements ``__getitems__`` so a DataLoader fetches a whole batch in one call (no per-item
     collation), which keeps the training loop close to a bare tensor loop.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
-                 transform: v2.Transform | None = None):
-        self.images, self.labels, self.info, self.transform = images, labels, info, transform
+                 transform: v2.Transform | None = None, masks: bool = False):
+        self.images, self.labels, self.info, self.transform, self.masks = images, labels, info, transform, masks
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -265,7 +227,7 @@ class ImageTensorDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices)
         batch, labels = self.images[idx], self.labels[idx]
-        if self.transform is not None and labels.ndim == 3:  # segmentation: the mask moves with its image
+        if self.transform is not None and self.masks:  # segmentation: the mask moves with its image
             pairs = [self.transform(tv_tensors.Image(img), tv_tensors.Mask(mask)) for img, mask in zip(batch, labels)]
             batch = torch.stack([image.as_subclass(torch.Tensor) for image, _ in pairs])
             labels = torch.stack([mask.as_subclass(torch.Tensor) for _, mask in pairs])

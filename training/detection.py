@@ -1,5 +1,5 @@
-"""Training and COCO evaluation of the detection task (``rcnn``), on the same :class:`TrainConfig`,
-checkpoint format and command as the other tasks. The metric is pycocotools' own COCOeval:
+"""Detection data, epochs and COCO evaluation (``rcnn``); :mod:`dlpipe.training.tasks.detection` puts
+them on the shared loop. The metric is pycocotools' own COCOeval:
 mAP@0.5 and mAP@[.5:.95] ("AP" in COCO's tables), not a re-implementation.
 """
 
@@ -9,7 +9,6 @@ import contextlib
 import io
 import math
 import time
-from dataclasses import asdict
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,8 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dlpipe.training import data as datasets
-from dlpipe.training.checkpoint import load_checkpoint, save_checkpoint
-from dlpipe.training.registry import get_spec
 
 
 class DetectionDataset(Dataset):
@@ -52,13 +49,9 @@ class DetectionDataset(Dataset):
         return images, targets
 
 
-def _collate(batch):
+def detection_collate(batch):
+    """Collate function for :class:`DetectionDataset`: the batch (lists of images and targets) is already made."""
     return batch
-
-
-def _loader(ds: DetectionDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
-                      collate_fn=_collate)
 
 
 def train_one_epoch(model, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler=None,
@@ -149,46 +142,3 @@ def model_args_for(info: datasets.DatasetInfo) -> dict[str, Any]:
     """Builder arguments derived from the dataset: channels, classes, normalisation and image scale."""
     return {"in_channels": info.channels, "num_classes": len(info.labels), "image_mean": list(info.mean),
             "image_std": list(info.std), "min_size": min(info.image_size), "max_size": 4 * max(info.image_size)}
-
-
-def main(cfg) -> dict[str, Any]:
-    """Train a detector as :func:`dlpipe.training.train.main` trains the other tasks (``cfg`` resolved)."""
-    from dlpipe.training.train import build_model, build_optimizer, build_scheduler, fit, split_indices, start_run
-
-    spec = get_spec(cfg.model)
-    info = datasets.get_dataset(cfg.dataset)
-    out = start_run(cfg)
-    images, targets = datasets.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit, cfg.download)
-    x = datasets.to_nchw(images)
-    val_idx, train_idx = split_indices(len(targets), cfg)
-    train_ds = DetectionDataset(x[train_idx], [targets[i] for i in train_idx], flip=cfg.augment == "flip",
-                                seed=cfg.seed)
-    val_x, val_targets = x[val_idx], [targets[i] for i in val_idx]
-    train_loader = _loader(train_ds, cfg.batch_size, True, cfg.seed)
-
-    model, model_args = build_model(spec, model_args_for(info), cfg.model_args)
-    optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
-                                cfg.momentum, cfg.weight_decay)
-    scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(train_loader))
-
-    examples = val_x[:cfg.examples].float() / 255
-    base = {"model": cfg.model, "task": spec.task, "model_args": model_args, "config": asdict(cfg),
-            "dataset": {"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()},
-            "examples": examples, "versions": {"torch": str(torch.__version__)}}
-    best, history = fit(cfg, out, base, model, optimizer, scheduler, train_loader, len(train_ds),
-                        run_epoch=lambda bar: train_one_epoch(model, train_loader, optimizer, scheduler, bar),
-                        validate=lambda: evaluate(model, val_x, val_targets, info.labels),
-                        score=lambda row: row["val_map50"],
-                        describe=lambda row: (f"loss {row['train_loss']:.4f} val mAP@0.5 {row['val_map50']:.4f} "
-                                              f"mAP@[.5:.95] {row['val_map']:.4f}"))
-    log_path = out / "metrics.jsonl"
-
-    ckpt = load_checkpoint(out / "best.pt")
-    model.load_state_dict(ckpt["state_dict"])
-    test_images, test_targets = datasets.load_split(cfg.dataset, "test", cfg.data_dir, cfg.test_limit, cfg.download)
-    test = evaluate(model, datasets.to_nchw(test_images), test_targets, info.labels)
-    ckpt["metrics"].update({f"test_{k}": v for k, v in test.items()})
-    save_checkpoint(ckpt, out / "best.pt")
-    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path), "task": spec.task,
-            "best_val_acc": best, "best_val_map50": best, "test_map50": test["map50"], "test_map": test["map"],
-            "history": history}

@@ -12,7 +12,6 @@ so ``dlpipe export`` proves parity on real inputs.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -28,8 +27,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dlpipe.runtime.errors import InputError
-from dlpipe.training.checkpoint import save_checkpoint
+from dlpipe.training.checkpoint import checkpoint_payload, save_checkpoint
 from dlpipe.training.envs import EnvironmentSpec, environment_spec, lives, make_env
+from dlpipe.training.loop import MetricsLog
 from dlpipe.training.registry import get_spec
 
 
@@ -246,85 +246,149 @@ def record_observations(act: Callable[[np.ndarray], int], env_id: str, count: in
     return np.stack(observations)
 
 
-def observation_loader(model_path: str | Path) -> Callable[..., np.ndarray]:
-    """For ``dlpipe quantize`` of a DQN policy: a drop-in for ``load_images_for`` that gives observations
-    recorded by playing the fp32 policy (10% random actions; calibration and checks on different
-    seeds), or those of a ``.npy`` file."""
+def observations(model_path, source: str | None, split: str, count: int, data_dir: str | None = None,
+                 offset: int = 0) -> np.ndarray:
+    """Policy inputs for ``dlpipe quantize``: observations recorded by playing the fp32 policy (10% random
+    actions; calibration and checks on different seeds), or those of a ``.npy`` file."""
     from dlpipe.runtime.predictors import load
 
+    del data_dir
     policy = load(model_path, device="cpu")
-
-    def load_observations(info, source: str | None, split: str, count: int, data_dir: str | None = None,
-                          offset: int = 0) -> np.ndarray:
-        if source and Path(source).suffix == ".npy":
-            arr = np.load(source)
-            if arr.ndim < 2 or tuple(arr.shape[1:]) != policy.observation_shape:
-                raise InputError(f"'{source}' must hold N x {list(policy.observation_shape)} observations, "
-                                 f"got {list(arr.shape)}")
-            return np.ascontiguousarray(arr[offset:offset + count], dtype=np.float32)
-        if source:
-            raise InputError(f"a DQN policy calibrates on observations recorded in {policy.env_id} or on a .npy "
-                             f"file of them, not on '{source}'")
-        return record_observations(policy.act, policy.env_id, count, seed=1 if split == "train" else 2,
-                                   max_steps=2000)
-
-    return load_observations
+    if source and Path(source).suffix == ".npy":
+        arr = np.load(source)
+        if arr.ndim < 2 or tuple(arr.shape[1:]) != policy.observation_shape:
+            raise InputError(f"'{source}' must hold N x {list(policy.observation_shape)} observations, "
+                             f"got {list(arr.shape)}")
+        return np.ascontiguousarray(arr[offset:offset + count], dtype=np.float32)
+    if source:
+        raise InputError(f"a DQN policy calibrates on observations recorded in {policy.env_id} or on a .npy "
+                         f"file of them, not on '{source}'")
+    return record_observations(policy.act, policy.env_id, count, seed=1 if split == "train" else 2, max_steps=2000)
 
 
-def int8_fp32_nodes(model_path: str | Path) -> tuple[str, ...]:
-    """Layers of a Q-network that int8 keeps in float32: the Q-value head (the action gap, often 0.1% of
-    the Q-values on CartPole, is below an int8 output's resolution) and, for feature-vector
-    observations, the first layer (cart position and pole angle would share one int8 input scale).
-    Measured on CartPole: quantizing either one cut the mean return from 500 to ~25."""
-    import onnx
-
-    graph = onnx.load(str(model_path)).graph
+def int8_fp32_nodes(model) -> tuple[str, ...]:
+    """Layers of a Q-network (an ONNX ``ModelProto``) that int8 keeps in float32: the Q-value head (the
+    action gap, often 0.1% of the Q-values on CartPole, is below an int8 output's resolution) and, for
+    feature-vector observations, the first layer (cart position and pole angle would share one int8
+    input scale). Measured on CartPole: quantizing either one cut the mean return from 500 to ~25."""
+    graph = model.graph
     dense = [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul", "Conv")]
     vector_input = len(graph.input[0].type.tensor_type.shape.dim) == 2
     return tuple(dict.fromkeys(dense[-1:] + (dense[:1] if vector_input else [])))
 
 
-def head_bias_correction(model_path: str | Path) -> Callable[[Path, np.ndarray | None], None]:
-    """Bias correction (Nagel et al., 2019) for an int8 Q-network: int8 layers shift the Q-values by a
-    systematic per-action offset, and a shift of a few tenths flips actions whose gap is ~0.1
-    (measured on CartPole: one seed's int8 policy fell from 500 to 130, 500 again after correction).
-    Returns a function that subtracts the mean (int8 - fp32) Q-value error on the calibration
-    observations from the float32 head's bias of the quantized file, in place."""
-    import onnx
-    from onnx import numpy_helper
-
-    from dlpipe.export.metadata import read_metadata, write_metadata
-    from dlpipe.runtime.engine import Engine
-
-    fp32 = Engine(model_path, device="cpu")
-    head = int8_fp32_nodes(model_path)[0]
-
-    def correct(quantized: Path, calibration: np.ndarray | None) -> None:
-        if calibration is None:
-            calibration = observation_loader(model_path)(None, None, "train", 256)
-        error = (Engine(quantized, device="cpu").run(calibration)[0] - fp32.run(calibration)[0]).mean(0)
-        model = onnx.load(str(quantized))
-        node = next((n for n in model.graph.node if n.name == head and n.op_type == "Gemm" and len(n.input) > 2), None)
-        inits = {t.name: t for t in model.graph.initializer}
-        if node is None or node.input[2] not in inits:
-            return  # the head was renamed or has no bias: leave the model as quantized
-        bias = numpy_helper.to_array(inits[node.input[2]]) - error.astype(np.float32)
-        inits[node.input[2]].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), node.input[2]))
-        doc = read_metadata(model) or {}
-        doc["bias_correction"] = {"node": head, "observations": len(calibration),
-                                  "subtracted": [round(float(e), 6) for e in error]}
-        write_metadata(model, doc)
-        onnx.save(model, str(quantized))
-
-    return correct
+def decisive_agreement(fp32, variant, checks: np.ndarray) -> tuple[float, float]:
+    """How often the variant takes fp32's greedy action where the fp32 policy prefers it by a margin. A
+    policy's Q-values for its actions can be nearly equal (CartPole: ~90 each, ~0.1 apart); where the fp32
+    network itself is indifferent (its best two within 1% of the Q scale) either action is its choice, so
+    only the decisions it makes with a margin count."""
+    name = fp32.engine.input_names[0]
+    ref, got = fp32.engine.run({name: checks})[0], variant.engine.run({name: checks})[0]
+    same = ref.argmax(1) == got.argmax(1)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) >= 0.01 * np.abs(ref).mean()
+    same = same[decisive] if decisive.any() else same
+    return float(same.mean()), float(np.abs(ref - got).max())
 
 
 def build_q_network(cfg: DQNConfig, spec: EnvironmentSpec) -> tuple[nn.Module, dict[str, Any]]:
     """The registered Q-network for this environment, and the model arguments that rebuild it."""
     model_args: dict[str, Any] = {"observation_shape": list(spec.observation_shape), "num_actions": spec.num_actions}
-    if cfg.model == "dqn-cartpole":
+    if cfg.hidden is not None:  # the MLP's widths (dqn-cartpole's recipe)
         model_args["hidden"] = list(cfg.hidden)
     return get_spec(cfg.model).build(**model_args), model_args
+
+
+def _payload(cfg: DQNConfig, spec: EnvironmentSpec, model_args: dict[str, Any], examples) -> dict[str, Any]:
+    """The checkpoint content of a Q-network: the environment stands where a dataset stands for the others."""
+    return checkpoint_payload(model=cfg.model, task="control", model_args=model_args, config=asdict(cfg),
+                              dataset={"name": spec.id, "labels": list(spec.action_names),
+                                       "preprocessing": {"observation_shape": list(spec.observation_shape),
+                                                         "observation_dtype": spec.observation_dtype}},
+                              examples=examples, environment=spec.as_dict())
+
+
+@dataclass
+class _Run:
+    """One DQN run's moving parts and its bookkeeping (best and last checkpoints, metrics.jsonl)."""
+
+    cfg: DQNConfig
+    env: Any
+    eval_env: Any
+    q_net: nn.Module
+    target_net: nn.Module
+    optimizer: torch.optim.Optimizer
+    buffer: ReplayBuffer
+    base: dict[str, Any]
+    out: Path
+    log: MetricsLog
+    bar: Any
+    best_return: float = -float("inf")
+    last_eval: float | None = None
+    eval_seconds: float = 0.0
+
+    def evaluate_and_save(self, step: int) -> None:
+        """Greedy evaluation episodes; best.pt when the mean return is at least the best so far, last.pt."""
+        cfg, eval_start = self.cfg, time.perf_counter()
+        self.q_net.eval()
+        returns = run_episodes(lambda o: greedy_action(self.q_net, o), cfg.env, cfg.eval_episodes,
+                               seed=10_000 + cfg.seed * 1000 + step % 997, epsilon=cfg.eval_epsilon, env=self.eval_env)
+        self.q_net.train()
+        mean, std = float(np.mean(returns)), float(np.std(returns))
+        self.last_eval = mean
+        self.log.write({"step": step, "eval_mean_return": mean, "eval_std_return": std, "eval_episodes": len(returns)})
+        payload = {**self.base, "state_dict": self.q_net.state_dict(), "metric": "eval_mean_return",
+                   "examples": _examples(self.buffer, cfg.examples, cfg.seed),
+                   "metrics": {"eval_mean_return": mean, "eval_std_return": std, "step": step}}
+        if mean >= self.best_return:  # ties go to the later (longer trained) network
+            self.best_return = mean
+            save_checkpoint(payload, self.out / "best.pt")
+        save_checkpoint({**payload, "best_val_score": self.best_return}, self.out / "last.pt")
+        self.bar.write(f"step {step}: eval return {mean:.1f} ± {std:.1f}{' *' if mean >= self.best_return else ''}",
+                       file=sys.stderr)
+        self.eval_seconds += time.perf_counter() - eval_start
+
+
+def _start(cfg: DQNConfig) -> _Run:
+    """Seeds, environments, the online and target networks, the optimizer and the replay buffer."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    env = make_env(cfg.env)
+    eval_env = make_env(cfg.env, max_episode_steps=cfg.eval_max_steps)
+    spec = environment_spec(env, cfg.env)
+    if cfg.hidden is None and len(spec.observation_shape) != 3:  # the Nature CNN reads stacked frames
+        raise InputError(f"{cfg.model} needs stacked frames; {cfg.env} gives observations of shape "
+                         f"{list(spec.observation_shape)} (use dqn-cartpole)")
+    q_net, model_args = build_q_network(cfg, spec)
+    target_net, _ = build_q_network(cfg, spec)
+    target_net.load_state_dict(q_net.state_dict())
+    target_net.eval()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _Run(cfg, env, eval_env, q_net, target_net, torch.optim.Adam(q_net.parameters(), lr=cfg.lr),
+                ReplayBuffer(min(cfg.buffer_size, cfg.total_steps), spec.observation_shape,
+                             np.dtype(spec.observation_dtype), cfg.seed),
+                _payload(cfg, spec, model_args, None), out, MetricsLog(out / "metrics.jsonl"),
+                tqdm(total=cfg.total_steps, unit="step", disable=not cfg.progress, desc=f"{cfg.model}/{cfg.env}",
+                     dynamic_ncols=True, file=sys.stderr))
+
+
+def _learn(run: _Run, step: int, losses: list[float]) -> None:
+    """A training phase: ``gradient_steps`` TD updates on replayed batches; the mean loss logged now and then."""
+    cfg = run.cfg
+    for _ in range(cfg.gradient_steps):
+        loss, q_mean = td_loss(run.q_net, run.target_net, run.buffer.sample(cfg.batch_size), cfg.gamma, cfg.double_dqn)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(run.q_net.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        losses.append(float(loss.detach()))
+    if len(losses) >= 100 or step % (cfg.train_freq * 10) == 0:
+        run.log.write({"step": step, "loss": float(np.mean(losses)), "q_mean": float(q_mean)})
+        losses.clear()
 
 
 def train(cfg: DQNConfig) -> dict[str, Any]:
@@ -337,127 +401,59 @@ def train(cfg: DQNConfig) -> dict[str, Any]:
         UnknownEnvironmentError, InputError: a bad environment id or configuration.
     """
     cfg = resolve_config(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    env = make_env(cfg.env)
-    eval_env = make_env(cfg.env, max_episode_steps=cfg.eval_max_steps)
-    spec = environment_spec(env, cfg.env)
-    if cfg.model == "dqn-atari" and len(spec.observation_shape) != 3:
-        raise InputError(f"dqn-atari needs stacked frames; {cfg.env} gives observations of shape "
-                         f"{list(spec.observation_shape)} (use dqn-cartpole)")
-    q_net, model_args = build_q_network(cfg, spec)
-    target_net, _ = build_q_network(cfg, spec)
-    target_net.load_state_dict(q_net.state_dict())
-    target_net.eval()
-    optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.lr)
-    buffer = ReplayBuffer(min(cfg.buffer_size, cfg.total_steps), spec.observation_shape,
-                          np.dtype(spec.observation_dtype), cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "metrics.jsonl"
-    log = log_path.open("w")
-    base = {"model": cfg.model, "task": "control", "model_args": model_args, "config": _plain(asdict(cfg)),
-            "dataset": {"name": cfg.env, "labels": list(spec.action_names),
-                        "preprocessing": {"observation_shape": list(spec.observation_shape),
-                                          "observation_dtype": spec.observation_dtype}},
-            "environment": spec.as_dict(), "versions": {"torch": str(torch.__version__)}}
-
-    def write(row: dict[str, Any]) -> None:
-        log.write(json.dumps(row) + "\n")
-        log.flush()
-
-    explore_steps = int(cfg.exploration_fraction * cfg.total_steps)
+    run = _start(cfg)
+    env, explore_steps = run.env, int(cfg.exploration_fraction * cfg.total_steps)
     env.action_space.seed(cfg.seed)
     obs, info = env.reset(seed=cfg.seed)
-    lives_left = lives(info)
-    episode_return, episode_length, episodes = 0.0, 0, 0
+    lives_left, episode_return, episode_length, episodes, target_updates = lives(info), 0.0, 0, 0, 0
     recent: deque[float] = deque(maxlen=20)
     losses: list[float] = []
-    best_return, last_eval, target_updates, eval_seconds = -float("inf"), None, 0, 0.0
-    bar = tqdm(total=cfg.total_steps, unit="step", disable=not cfg.progress, desc=f"{cfg.model}/{cfg.env}",
-               dynamic_ncols=True, file=sys.stderr)
     start = time.perf_counter()
-
-    def evaluate_and_save(step: int) -> None:
-        nonlocal best_return, last_eval, eval_seconds
-        eval_start = time.perf_counter()
-        q_net.eval()
-        returns = run_episodes(lambda o: greedy_action(q_net, o), cfg.env, cfg.eval_episodes,
-                               seed=10_000 + cfg.seed * 1000 + step % 997, epsilon=cfg.eval_epsilon, env=eval_env)
-        q_net.train()
-        mean, std = float(np.mean(returns)), float(np.std(returns))
-        last_eval = mean
-        write({"step": step, "eval_mean_return": mean, "eval_std_return": std, "eval_episodes": len(returns)})
-        metrics = {"eval_mean_return": mean, "eval_std_return": std, "step": step}
-        payload = {**base, "state_dict": q_net.state_dict(), "examples": _examples(buffer, cfg.examples, cfg.seed),
-                   "metrics": metrics}
-        if mean >= best_return:  # ties go to the later (longer trained) network
-            best_return = mean
-            save_checkpoint(payload, out / "best.pt")
-        save_checkpoint(payload, out / "last.pt")
-        bar.write(f"step {step}: eval return {mean:.1f} ± {std:.1f}{' *' if mean >= best_return else ''}",
-                  file=sys.stderr)
-        eval_seconds += time.perf_counter() - eval_start
-
     for step in range(1, cfg.total_steps + 1):
         epsilon = linear_schedule(cfg.exploration_initial_eps, cfg.exploration_final_eps, explore_steps, step)
-        if random.random() < epsilon:
-            action = int(env.action_space.sample())
-        else:
-            action = greedy_action(q_net, obs)
+        action = int(env.action_space.sample()) if random.random() < epsilon else greedy_action(run.q_net, obs)
         next_obs, reward, terminated, truncated, info = env.step(action)
-        episode_return += float(reward)
-        episode_length += 1
+        episode_return, episode_length = episode_return + float(reward), episode_length + 1
         now_lives = lives(info)
         life_lost = cfg.episodic_life and lives_left is not None and now_lives is not None and now_lives < lives_left
         lives_left = now_lives
         # Truncation (a time limit) is not a terminal state: the target still bootstraps from next_obs.
-        buffer.add(obs, action, float(np.sign(reward)) if cfg.clip_rewards else float(reward), next_obs,
-                   terminated or life_lost)
+        run.buffer.add(obs, action, float(np.sign(reward)) if cfg.clip_rewards else float(reward), next_obs,
+                       terminated or life_lost)
         obs = next_obs
         if terminated or truncated:
             episodes += 1
             recent.append(episode_return)
-            write({"step": step, "episode": episodes, "episode_return": episode_return,
-                   "episode_length": episode_length, "epsilon": round(epsilon, 4)})
+            run.log.write({"step": step, "episode": episodes, "episode_return": episode_return,
+                           "episode_length": episode_length, "epsilon": round(epsilon, 4)})
             obs, info = env.reset()
-            lives_left = lives(info)
-            episode_return, episode_length = 0.0, 0
-
+            lives_left, episode_return, episode_length = lives(info), 0.0, 0
         if step > cfg.learning_starts and step % cfg.train_freq == 0:
-            for _ in range(cfg.gradient_steps):
-                loss, q_mean = td_loss(q_net, target_net, buffer.sample(cfg.batch_size), cfg.gamma, cfg.double_dqn)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            if len(losses) >= 100 or step % (cfg.train_freq * 10) == 0:
-                write({"step": step, "loss": float(np.mean(losses)), "q_mean": float(q_mean)})
-                losses.clear()
-        target_updates += update_target(q_net, target_net, step, cfg.target_update_interval)
+            _learn(run, step, losses)
+        target_updates += update_target(run.q_net, run.target_net, step, cfg.target_update_interval)
         if cfg.eval_interval and step % cfg.eval_interval == 0:
-            evaluate_and_save(step)
+            run.evaluate_and_save(step)
         if step % 100 == 0 or step == cfg.total_steps:
-            bar.update(step - bar.n)
+            run.bar.update(step - run.bar.n)
             if recent:
-                bar.set_postfix(ret=f"{np.mean(recent):.1f}", eps=f"{epsilon:.2f}", refresh=False)
+                run.bar.set_postfix(ret=f"{np.mean(recent):.1f}", eps=f"{epsilon:.2f}", refresh=False)
     if not cfg.eval_interval or cfg.total_steps % cfg.eval_interval:
-        evaluate_and_save(cfg.total_steps)
-    bar.close()
-    log.close()
-    seconds = time.perf_counter() - start
-    env.close()
-    eval_env.close()
-    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path), "env": cfg.env,
-            "steps": cfg.total_steps, "episodes": episodes, "best_eval_return": best_return,
-            "final_eval_return": last_eval, "recent_train_return": float(np.mean(recent)) if recent else None,
-            "target_updates": target_updates, "seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        run.evaluate_and_save(cfg.total_steps)
+    return _finish(run, time.perf_counter() - start, episodes, recent, target_updates)
+
+
+def _finish(run: _Run, seconds: float, episodes: int, recent, target_updates: int) -> dict[str, Any]:
+    run.bar.close()
+    run.env.close()
+    run.eval_env.close()
+    cfg = run.cfg
+    return {"best": str(run.out / "best.pt"), "last": str(run.out / "last.pt"), "log": str(run.log.path),
+            "task": "control", "env": cfg.env, "steps": cfg.total_steps, "episodes": episodes,
+            "metric": "eval_mean_return", "best_val_score": run.best_return, "best_eval_return": run.best_return,
+            "final_eval_return": run.last_eval, "recent_train_return": float(np.mean(recent)) if recent else None,
+            "target_updates": target_updates, "seconds": round(seconds, 1), "eval_seconds": round(run.eval_seconds, 1),
             # training throughput: environment steps (with their share of gradient steps) per second, evaluation excluded
-            "steps_per_second": round(cfg.total_steps / max(seconds - eval_seconds, 1e-9), 1)}
+            "steps_per_second": round(cfg.total_steps / max(seconds - run.eval_seconds, 1e-9), 1)}
 
 
 def untrained_checkpoint(path: str | Path, model: str, env_id: str, examples: int = 24, seed: int = 0) -> Path:
@@ -470,12 +466,8 @@ def untrained_checkpoint(path: str | Path, model: str, env_id: str, examples: in
     torch.manual_seed(seed)
     q_net, model_args = build_q_network(cfg, spec)
     obs = record_observations(lambda o: 0, env_id, examples, seed, epsilon=1.0)
-    return save_checkpoint({"model": model, "task": "control", "model_args": model_args, "config": _plain(asdict(cfg)),
-                            "dataset": {"name": env_id, "labels": list(spec.action_names),
-                                        "preprocessing": {"observation_shape": list(spec.observation_shape),
-                                                          "observation_dtype": spec.observation_dtype}},
-                            "environment": spec.as_dict(), "state_dict": q_net.state_dict(),
-                            "examples": torch.from_numpy(obs), "metrics": {}}, path)
+    return save_checkpoint({**_payload(cfg, spec, model_args, torch.from_numpy(obs)), "state_dict": q_net.state_dict(),
+                            "metrics": {}}, path)
 
 
 def _examples(buffer: ReplayBuffer, count: int, seed: int) -> torch.Tensor:
@@ -484,17 +476,12 @@ def _examples(buffer: ReplayBuffer, count: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(buffer.obs[np.sort(idx)].astype(np.float32))
 
 
-def _plain(doc: dict[str, Any]) -> dict[str, Any]:
-    """Tuples as lists, so the config loads back under ``weights_only=True``."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in doc.items()}
-
-
 # ----------------------------------------------------------------------------------------------- CLI
 _NOT_FOR_DQN = ("dataset", "epochs", "optimizer", "weight_decay", "init", "batch_norm", "limit", "resume", "model_arg")
 
 
-def train_command(model: str, *, progress: bool, **opts: Any) -> tuple[dict[str, Any], str]:
-    """``dlpipe train dqn-...``: run :func:`train` from the command's options; returns (result, text).
+def train_command(model: str, progress: bool = True, **opts: Any) -> dict[str, Any]:
+    """``dlpipe train dqn-...``: run :func:`train` from the command's options.
 
     Raises:
         InputError: an option that only supervised training understands was given.
@@ -505,41 +492,13 @@ def train_command(model: str, *, progress: bool, **opts: Any) -> tuple[dict[str,
         raise InputError(f"{model} trains in an environment; --{given[0].replace('_', '-')} does not apply "
                          "(use --env, --total-steps, --buffer-size, --lr, --batch-size, --seed)")
     names = {f.name for f in fields(DQNConfig)}
-    cfg = DQNConfig(model=model, progress=progress, **{k: v for k, v in opts.items() if k in names and v is not None})
-    result = train(cfg)
-    human = (f"{result['env']}: best evaluation return {result['best_eval_return']:.1f}, final "
-             f"{result['final_eval_return']:.1f} after {result['steps']} steps ({result['episodes']} episodes, "
-             f"{result['steps_per_second']:.0f} steps/s)\ncheckpoint: {result['best']}\n"
-             f"next: dlpipe export {result['best']} --out policy.onnx && dlpipe play policy.onnx --env {result['env']}")
-    return result, human
+    return train(DQNConfig(model=model, progress=progress,
+                           **{k: v for k, v in opts.items() if k in names and v is not None}))
 
 
-def demo_run(out: str | Path = "runs/demo/dqn", total_steps: int = 8000, seed: int = 0, episodes: int = 5,
-             progress: bool = False) -> dict[str, Any]:
-    """A short CartPole run through every stage, for ``dlpipe demo``: train (rl-zoo recipe, ``total_steps``),
-    export, fp16 and int8, then play each variant from ONNX. About 20-30 s on one free core.
-
-    Returns:
-        ``{"train": train summary, "variants": [{variant, mean_return, std_return, agreement, ms_per_action}]}``.
-    """
-    from dlpipe.apps.play import play
-    from dlpipe.export.onnx_export import export_checkpoint
-    from dlpipe.export.quantize import QuantizationConfig, quantize
-    from dlpipe.runtime.formats import variant_path
-
-    out = Path(out)
-    result = train(DQNConfig(model="dqn-cartpole", out=str(out), total_steps=total_steps, eval_interval=total_steps // 4,
-                             seed=seed, progress=progress))
-    onnx_path = out / "policy.onnx"
-    export_checkpoint(result["best"], onnx_path)
-    variants = [("fp32", onnx_path, None)]
-    for precision in ("fp16", "int8"):
-        # Near-tie Q-values make argmax agreement a poor gate for policies; the return below is the check.
-        report = quantize(onnx_path, variant_path(onnx_path, precision), QuantizationConfig(precision, min_agreement=0))
-        variants.append((precision, variant_path(onnx_path, precision), report.agreement))
-    rows = []
-    for name, path, agreement in variants:
-        r = play(path, episodes=episodes, seed=seed + 1000)
-        rows.append({"variant": name, "path": str(path), "mean_return": r["mean_return"], "std_return": r["std_return"],
-                     "agreement": agreement, "ms_per_action": r["policy_ms_per_step"]})
-    return {"train": result, "variants": rows}
+def summary(result: dict[str, Any]) -> str:
+    """What ``dlpipe train dqn-...`` prints."""
+    return (f"{result['env']}: best evaluation return {result['best_eval_return']:.1f}, final "
+            f"{result['final_eval_return']:.1f} after {result['steps']} steps ({result['episodes']} episodes, "
+            f"{result['steps_per_second']:.0f} steps/s)\ncheckpoint: {result['best']}\n"
+            f"next: dlpipe export {result['best']} --out policy.onnx && dlpipe play policy.onnx --env {result['env']}")

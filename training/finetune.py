@@ -12,9 +12,7 @@ export, quantize, evaluate, bench and classify work on it unchanged.
 
 from __future__ import annotations
 
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -30,12 +28,19 @@ from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import Preprocessing
 from dlpipe.training import data as datasets
-from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from dlpipe.training.checkpoint import (best_score, checkpoint_payload, load_checkpoint, model_from_checkpoint,
+                                       save_checkpoint)
+from dlpipe.training.dataset_info import DatasetInfo
+from dlpipe.training.folders import per_class_indices, read_folder
+from dlpipe.training.loop import (EpochHooks, FitState, MetricsLog, build_optimizer, build_scheduler, fit,
+                                  init_weights, load_resume, restore, seeded_loader, start_run)
 from dlpipe.training.registry import get_spec
-from dlpipe.training.train import build_optimizer, build_scheduler, init_weights
+from dlpipe.training.tasks.classification import METRIC as ACCURACY, train_one_epoch
 
 TORCHVISION_PREFIX = "torchvision:"
 SCHEDULES = ("none", "step", "cosine")  # onecycle would overwrite the per-group learning rates
+# best.pt: the best validation accuracy; among equal ones (small validation sets), the lowest loss
+METRIC = replace(ACCURACY, tiebreak="loss")
 
 
 @dataclass
@@ -93,6 +98,10 @@ class FinetuneConfig:
     """Show a progress bar."""
     examples: int = 32
     """Images stored (preprocessed) in the checkpoint for export parity checks."""
+    patience: int = 0
+    """Early stopping: end a stage after this many epochs without validation improvement; 0 disables it."""
+    resume: str | None = None
+    """Continue from this last.pt (the stage and epoch it stopped at)."""
 
 
 @dataclass
@@ -266,53 +275,6 @@ def to_input(images: list, color: str, size: tuple[int, int], names: list[str] |
                                        .astype(np.uint8)) for i in range(0, len(images), chunk)])
 
 
-def _folder(root: Path, per_class: int | None, rng: np.random.Generator) -> tuple[list[str], list[Path], np.ndarray]:
-    """Class names, chosen image files and their labels of an ImageFolder tree."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    try:
-        tree = ImageFolder(str(root), allow_empty=True)
-    except FileNotFoundError:
-        raise DataNotFoundError(f"image folder '{root}' has no class sub-folders; put each class's images "
-                                "in a folder of its own (root/CLASS/IMAGE.png)") from None
-    labels = np.array(tree.targets, dtype=np.int64)
-    for k, name in enumerate(tree.classes):
-        if not (labels == k).any():
-            raise InputError(f"class folder '{root / name}' holds no images ({' '.join(IMG_EXTENSIONS)})")
-    if len(tree.classes) < 2:
-        raise InputError(f"image folder '{root}' has only one class ('{tree.classes[0]}'); a classifier needs "
-                         "at least two class folders")
-    keep = _per_class(labels, per_class, rng)
-    return list(tree.classes), [Path(tree.samples[i][0]) for i in keep], labels[keep]
-
-
-def folder_images(root: str | Path, labels: Sequence[str], limit: int | None = None) -> tuple[list[Path], np.ndarray]:
-    """Every image file of an ImageFolder tree (the first ``limit``) with its class index in ``labels``, the
-    model's class order: ``dlpipe evaluate --dataset FOLDER`` on a held-out folder.
-
-    Raises:
-        InputError: a class folder whose name is not one of ``labels``, or the folder problems of
-            :func:`load_data`.
-    """
-    names, files, y = _folder(Path(root), None, np.random.default_rng(0))
-    unknown = [n for n in names if n not in labels]
-    if unknown:
-        raise InputError(f"class folders {unknown} of '{root}' are not among the model's classes {list(labels)}")
-    index = np.array([list(labels).index(n) for n in names], dtype=np.int64)
-    return files[:limit], index[y][:limit]
-
-
-def _per_class(labels: np.ndarray, per_class: int | None, rng: np.random.Generator) -> np.ndarray:
-    """Indices of at most ``per_class`` randomly chosen images of each class, in the original order."""
-    if per_class is None:
-        return np.arange(len(labels))
-    if per_class < 2:
-        raise InputError(f"--per-class must be at least 2 (one image to train on, one to validate), got {per_class}")
-    chosen = [rng.permutation(np.flatnonzero(labels == k))[:per_class] for k in np.unique(labels)]
-    return np.sort(np.concatenate(chosen))
-
-
 def split_per_class(labels: np.ndarray, names: list[str], val_fraction: float,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split: ``val_fraction`` of each class (at least one image) held out for validation."""
@@ -341,7 +303,7 @@ def load_data(data: str, preprocessing: dict[str, Any], per_class: int | None = 
     root = Path(data)
     test = None
     if root.is_dir():
-        names, files, labels = _folder(root, per_class, rng)
+        names, files, labels = read_folder(root, per_class, rng)
         images = to_input(files, color, size, [f"'{f}'" for f in files])
         name = str(root.resolve())
     elif data in datasets.DATASETS:
@@ -349,7 +311,7 @@ def load_data(data: str, preprocessing: dict[str, Any], per_class: int | None = 
         if info.task != "classification":
             raise InputError(f"dataset {data!r} is for {info.task}; fine-tuning needs a classification dataset")
         raw, all_labels = datasets.load_split(data, "train", data_dir)
-        keep = _per_class(all_labels, per_class, rng)
+        keep = per_class_indices(all_labels, per_class, rng)
         names, labels, name = list(info.labels), all_labels[keep], data
         images = to_input(list(raw[keep]), color, size)
         test_raw, test_labels = datasets.load_split(data, "test", data_dir, test_limit)
@@ -370,34 +332,16 @@ def load_data(data: str, preprocessing: dict[str, Any], per_class: int | None = 
 
 # --------------------------------------------------------------------------------------------- training
 
-def _loader(images: torch.Tensor, labels: torch.Tensor, info: datasets.DatasetInfo, batch_size: int,
+def _loader(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch_size: int,
             augment: str = "none", seed: int = 0, shuffle: bool = False) -> DataLoader:
     ds = datasets.ImageTensorDataset(images, labels, info, datasets.augmentation(augment, info.image_size))
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
-                      collate_fn=datasets.batch_collate)
+    return seeded_loader(ds, batch_size, shuffle, seed, datasets.batch_collate)
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
                 frozen: list[nn.Module], progress: tqdm | None = None) -> dict[str, float]:
     """One pass over ``loader``; frozen modules stay in eval mode (batch-norm statistics unchanged)."""
-    model.train()
-    for m in frozen:
-        m.eval()
-    total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        if progress is not None:
-            progress.update(len(labels))
-    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+    return train_one_epoch(model, loader, optimizer, scheduler, progress, frozen=frozen)
 
 
 @torch.no_grad()
@@ -434,111 +378,139 @@ def resolve_config(cfg: FinetuneConfig) -> FinetuneConfig:
         raise InputError("head_epochs and epochs must not be negative, and at least one epoch must run")
     if cfg.batch_size < 1 or cfg.lr <= 0 or cfg.head_lr <= 0:
         raise InputError("the batch size must be positive and the learning rates above zero")
+    if cfg.patience < 0:
+        raise InputError(f"patience must not be negative, got {cfg.patience}")
     parse_freeze(cfg.freeze)
     return cfg
 
 
-def main(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune ``cfg.source`` on ``cfg.data``; write best.pt, last.pt and metrics.jsonl under ``cfg.out``.
+@dataclass
+class _Session:
+    """A fine-tuning run's network, data and bookkeeping, shared by its stages."""
 
-    Returns:
-        Summary: checkpoint paths, accuracy with the head only and after fine-tuning (validation, and test
-        for a registered dataset), per-class accuracy, the history and the command to export.
-    """
-    cfg = resolve_config(cfg)
+    cfg: FinetuneConfig
+    source: Source
+    data: FinetuneData
+    model: nn.Module
+    head: str
+    base: dict[str, Any]
+    out: Path
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader | None
+    log: MetricsLog
+
+    def stages(self) -> list[tuple[str, int, str | int]]:
+        cfg = self.cfg
+        if cfg.scratch:
+            return [("full", cfg.head_epochs + cfg.epochs, "none")]
+        return [("head", cfg.head_epochs, "backbone"), ("finetune", cfg.epochs, parse_freeze(cfg.freeze))]
+
+    def run_stage(self, stage: str, first: int, end: int, how: str | int, state: FitState,
+                  resumed: dict | None) -> FitState:
+        """Train the epochs up to ``end`` with ``how`` frozen on the shared loop (continuing a resumed stage)."""
+        cfg, model, head = self.cfg, self.model, self.head
+        frozen = freeze(model, head, how)
+        frozen_count = {"backbone": len(backbone_layers(model, head)), "none": 0}.get(how, how)
+        head_lr = cfg.lr if cfg.scratch else cfg.head_lr
+        optimizer = build_optimizer(cfg.optimizer, _param_groups(model, head, head_lr, cfg.lr), head_lr,
+                                    cfg.momentum, cfg.weight_decay)
+        scheduler = build_scheduler(cfg.schedule, optimizer, head_lr, end - first, len(self.train_loader))
+        generator = self.train_loader.generator
+        if resumed is not None and resumed.get("stage") == stage:  # continue where the stage stopped
+            state = restore(resumed, model, optimizer, scheduler, generator)
+        hooks = EpochHooks(train=lambda bar: train_epoch(model, self.train_loader, optimizer, scheduler, frozen, bar),
+                           validate=lambda: {k: v for k, v in score(model, self.val_loader, self.data.labels).items()
+                                             if k != "per_class"}, metric=METRIC)
+        return fit(self.out, self.base, model, optimizer, scheduler, hooks, state, end_epoch=end,
+                   images_per_epoch=len(self.data.train[1]), log=self.log, generator=generator,
+                   patience=cfg.patience, progress=cfg.progress, desc=f"finetune {self.source.model} ({stage})",
+                   row_extra={"stage": stage, "frozen_layers": frozen_count})
+
+
+def _session(cfg: FinetuneConfig) -> _Session:
+    """Load the source and the data, put the new head on (or build the scratch baseline), make the loaders."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     source = load_source(cfg.source, cfg.image_size)
     pre = source.preprocessing
     data = load_data(cfg.data, pre, cfg.per_class, cfg.val_fraction, cfg.seed, cfg.data_dir, cfg.test_limit)
-    info = datasets.DatasetInfo(data.name, 1 if pre["color"] == "L" else 3, tuple(pre["size"]), tuple(pre["mean"]),
-                                tuple(pre["std"]), tuple(data.labels), loader=None)  # the data is loaded above
-
-    torch.manual_seed(cfg.seed)
-    model = source.module
-    model_args = {**source.model_args, "num_classes": len(data.labels)}
+    info = DatasetInfo(data.name, 1 if pre["color"] == "L" else 3, tuple(pre["size"]), tuple(pre["mean"]),
+                       tuple(pre["std"]), tuple(data.labels), loader=None)  # the data is loaded above
+    out = start_run(cfg)
+    model, model_args = source.module, {**source.model_args, "num_classes": len(data.labels)}
     if cfg.scratch:  # the baseline: the same network built afresh, with the model's usual initialisation
         model = get_spec(source.model).build(**model_args)
         init_weights(model, get_spec(source.model).recipe.init)
         head = find_head(model)[0]
     else:
         head = replace_head(model, len(data.labels))
-    how = parse_freeze(cfg.freeze)
-    freeze(model, head, how)  # a layer count beyond the backbone fails now, not after the first stage
-
-    train_loader = _loader(*data.train, info, cfg.batch_size, cfg.augment, cfg.seed, shuffle=True)
-    val_loader = _loader(*data.val, info, 256)
-    test_loader = _loader(*data.test, info, 512) if data.test is not None else None
+    freeze(model, head, parse_freeze(cfg.freeze))  # a layer count beyond the backbone fails now, not later
     # real inputs for the export parity check: validation images first, then training images
     pool = torch.cat([data.val[0], data.train[0][:max(0, cfg.examples - len(data.val[1]))]])[:cfg.examples]
     if len(pool) < 4:
         raise InputError(f"'{cfg.data}' holds {len(pool)} images; at least 4 are needed")
-    examples = datasets.normalize(pool, info)
+    base = checkpoint_payload(model=source.model, task="classification", model_args=model_args, config=asdict(cfg),
+                              dataset={"name": data.name, "labels": list(data.labels), "preprocessing": pre},
+                              examples=datasets.normalize(pool, info),
+                              transfer={"source": source.description, "head": head, "freeze": cfg.freeze,
+                                        "scratch": cfg.scratch})
+    return _Session(cfg, source, data, model, head, base, out,
+                    _loader(*data.train, info, cfg.batch_size, cfg.augment, cfg.seed, shuffle=True),
+                    _loader(*data.val, info, 256), _loader(*data.test, info, 512) if data.test is not None else None,
+                    MetricsLog(out / "metrics.jsonl", fresh=cfg.resume is None))
 
-    base = {"model": source.model, "task": "classification", "model_args": model_args, "config": asdict(cfg),
-            "dataset": {"name": data.name, "labels": list(data.labels), "preprocessing": pre},
-            "examples": examples, "versions": {"torch": str(torch.__version__)},
-            "transfer": {"source": source.description, "head": head, "freeze": cfg.freeze, "scratch": cfg.scratch}}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "metrics.jsonl"
-    log_path.write_text("")
-    stages = [("full", cfg.head_epochs + cfg.epochs, "none")] if cfg.scratch else \
-        [("head", cfg.head_epochs, "backbone"), ("finetune", cfg.epochs, how)]
-    bar = tqdm(total=len(data.train[1]) * sum(s[1] for s in stages), unit="img", disable=not cfg.progress,
-               desc=f"finetune {source.model}", dynamic_ncols=True)
-    history: list[dict[str, Any]] = []
-    best_key, head_only, frozen_count = None, None, 0
-    for stage, epochs, stage_freeze in stages:
-        if epochs == 0:
-            continue
-        frozen = freeze(model, head, stage_freeze)
-        frozen_count = len(backbone_layers(model, head)) if stage_freeze == "backbone" else \
-            (0 if stage_freeze == "none" else stage_freeze)
-        head_lr = cfg.lr if cfg.scratch else cfg.head_lr
-        optimizer = build_optimizer(cfg.optimizer, _param_groups(model, head, head_lr, cfg.lr), head_lr,
-                                    cfg.momentum, cfg.weight_decay)
-        scheduler = build_scheduler(cfg.schedule, optimizer, head_lr, epochs, len(train_loader))
-        for _ in range(epochs):
-            row = {"epoch": len(history) + 1, "stage": stage, "frozen_layers": frozen_count,
-                   **train_epoch(model, train_loader, optimizer, scheduler, frozen, bar)}
-            val = score(model, val_loader, data.labels)
-            row.update(val_loss=val["loss"], val_acc=val["acc"])
-            history.append(row)
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            key = (val["acc"], -val["loss"])
-            improved = best_key is None or key > best_key
-            if improved:
-                best_key = key
-                save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": row["epoch"],
-                                 "metrics": {"val_acc": val["acc"], "val_loss": val["loss"]}}, out / "best.pt")
-            bar.write(f"epoch {row['epoch']} ({stage}): loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} "
-                      f"val_loss {val['loss']:.4f} val_acc {val['acc']:.4f}{' *' if improved else ''}", file=sys.stderr)
-        if stage == "head":
-            head_only = {"val_acc": val["acc"]}
-            if test_loader is not None:
-                head_only["test_acc"] = score(model, test_loader, data.labels)["acc"]
-    bar.close()
-    save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": len(history), "history": history,
-                     "best_val_acc": best_key[0]}, out / "last.pt")
 
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune ``cfg.source`` on ``cfg.data`` on the shared loop, stage by stage (head only, then with
+    ``cfg.freeze``); write best.pt (best validation accuracy over both stages), last.pt (``cfg.resume``
+    continues from it) and metrics.jsonl under ``cfg.out``.
+
+    Returns:
+        Summary: checkpoint paths, accuracy with the head only and after fine-tuning (validation, and test
+        for a registered dataset), per-class accuracy, the history and the command to export.
+    """
+    session = _session(resolve_config(cfg))
+    resumed = load_resume(cfg.resume, session.base) if cfg.resume else None
+    state, first, head_only = FitState(), 0, None
+    if resumed is not None:
+        state = FitState(resumed["epoch"], best_score(resumed), list(resumed["history"]))
+        session.model.load_state_dict(resumed["state_dict"])
+    for stage, epochs, how in session.stages():
+        end, state.epoch = first + epochs, max(state.epoch, first)
+        if state.epoch < end:
+            state = session.run_stage(stage, first, end, how, state, resumed)
+        if stage == "head" and epochs and any(r.get("stage") == "head" for r in state.history):
+            head_only = {"val_acc": [r for r in state.history if r.get("stage") == "head"][-1]["val_acc"]}
+            if session.test_loader is not None:
+                head_only["test_acc"] = score(session.model, session.test_loader, session.data.labels)["acc"]
+        first = end
+    return _summary(session, state, head_only)
+
+
+def _summary(session: _Session, state: FitState, head_only: dict[str, float] | None) -> dict[str, Any]:
+    """Score best.pt (test split of a registered dataset, else validation) and describe the run."""
+    cfg, model, out, data = session.cfg, session.model, session.out, session.data
     best = load_checkpoint(out / "best.pt")
     model.load_state_dict(best["state_dict"])
     after = {"val_acc": best["metrics"]["val_acc"]}
-    final = score(model, val_loader, data.labels)
-    if test_loader is not None:
-        final = score(model, test_loader, data.labels)
+    final = score(model, session.val_loader, data.labels)
+    if session.test_loader is not None:
+        final = score(model, session.test_loader, data.labels)
         after["test_acc"] = final["acc"]
         best["metrics"].update(test_acc=final["acc"], test_loss=final["loss"])
     if head_only is not None:
         best["metrics"].update({f"head_only_{k}": v for k, v in head_only.items()})
     save_checkpoint(best, out / "best.pt")
-    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log_path),
-            "source": source.description, "model": source.model, "dataset": data.name, "labels": data.labels,
-            "head": head, "scratch": cfg.scratch, "backbone_layers": len(backbone_layers(model, head)),
-            "frozen_layers": frozen_count, "images": {"train": len(data.train[1]), "val": len(data.val[1]),
-                                                      "test": len(data.test[1]) if data.test is not None else None},
-            "head_only": head_only, "after": after, "best_epoch": best["epoch"],
-            "per_class_split": "test" if test_loader is not None else "val", "per_class_accuracy": final["per_class"],
-            "history": history, "export_command": f"dlpipe export {out / 'best.pt'} --out {out / 'model.onnx'}"}
+    head = session.head
+    return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(session.log.path),
+            "source": session.source.description, "model": session.source.model, "dataset": data.name,
+            "labels": data.labels, "head": head, "scratch": cfg.scratch,
+            "backbone_layers": len(backbone_layers(model, head)),
+            "frozen_layers": state.history[-1]["frozen_layers"] if state.history else 0,
+            "images": {"train": len(data.train[1]), "val": len(data.val[1]),
+                       "test": len(data.test[1]) if data.test is not None else None},
+            "head_only": head_only, "after": after, "best_epoch": best["epoch"], "metric": "val_acc",
+            "best_val_score": state.best, "per_class_split": "test" if session.test_loader is not None else "val",
+            "per_class_accuracy": final["per_class"], "history": state.history,
+            "export_command": f"dlpipe export {out / 'best.pt'} --out {out / 'model.onnx'}"}

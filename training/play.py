@@ -1,10 +1,10 @@
-"""``dlpipe play``: run an ONNX DQN policy in its gymnasium environment (issue 5). Torch-free: the
-runtime's :class:`~dlpipe.runtime.policy.Policy`, gymnasium and pillow for the optional GIF."""
+"""Playing an ONNX DQN policy in its gymnasium environment (``dlpipe play``, the control task's evaluation
+and its demo). Torch-free: the runtime's :class:`~dlpipe.runtime.policy.Policy`, gymnasium and pillow for
+the optional GIF."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.files import publish
+from dlpipe.runtime.files import atomic_output
 from dlpipe.runtime.policy import Policy
 from dlpipe.runtime.predictors import load
 from dlpipe.training.envs import environment_spec, make_env
@@ -43,15 +43,8 @@ def _save_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:
     width = images[0].width
     if width > 320:  # keep the file small
         images = [im.resize((320, round(im.height * 320 / width)), Image.Resampling.BILINEAR) for im in images]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".gif.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _render(env, env_id: str) -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dlpipe.runtime.errors import DataNotFoundError, InputError
+from dlpipe.training.dataset_info import DatasetInfo
 
 SIZE = 128
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -130,8 +131,6 @@ def _coco_split(root: Path, split: str, download: bool, limit: int | None):
 
 def user_dataset(name: str):
     """The :class:`~dlpipe.training.data.DatasetInfo` for ``voc-seg:ROOT``, ``voc-det:ROOT`` or ``coco:ROOT``."""
-    from dlpipe.training.data import DatasetInfo
-
     kind, _, root_text = name.partition(":")
     if kind not in KINDS or not root_text:
         raise InputError(f"unknown dataset {name!r}; own data is named voc-seg:ROOT, voc-det:ROOT or coco:ROOT")

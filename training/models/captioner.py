@@ -6,7 +6,8 @@ pooled to a coarse grid (4x4 by default) and flattened, not pooled globally, so 
 hidden and cell state. The decoder embeds the previous word, runs one LSTM layer and projects to the
 vocabulary.
 
-Exported as two graphs (``dlpipe.export.captioner``): :meth:`Captioner.encode` (image -> state)
+Exported as two graphs (:class:`CaptionEncoder`, :class:`CaptionDecoderStep`; the task table's
+``captioning`` declaration lists them): :meth:`Captioner.encode` (image -> state)
 and :meth:`Captioner.step` (previous token and state -> next-token log-probabilities and state).
 """
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlpipe.training.models.classifiers import ResNetSmall
-from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, OnnxContract, TrainRecipe, register_model
 
 ENCODER_CONTRACT = OnnxContract(inputs={"image": {0: "batch"}}, outputs={"h": {0: "batch"}, "c": {0: "batch"}},
                                 atol=1e-4, exporter="torchscript")
@@ -60,6 +61,28 @@ class Captioner(nn.Module):
         """One decoding step: previous tokens (N) and state -> next-token log-probabilities (N x vocab), state."""
         out, (h, c) = self.lstm(self.embed(token).unsqueeze(1), (h.unsqueeze(0), c.unsqueeze(0)))
         return F.log_softmax(self.project(out[:, 0]), dim=-1), h[0], c[0]
+
+
+class CaptionEncoder(nn.Module):
+    """The encoder graph: image -> initial LSTM state."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode(image)
+
+
+class CaptionDecoderStep(nn.Module):
+    """The decoder-step graph: previous token and state -> next-token log-probabilities and state."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token: torch.Tensor, h_in: torch.Tensor, c_in: torch.Tensor):
+        return self.model.step(token, h_in, c_in)
 
 
 def captioner(*, in_channels: int, image_size: Sequence[int], vocab_size: int, embed_dim: int = 64,

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, OnnxContract, TrainRecipe, register_model
 
 # Classifiers take a fixed image size (they end in fully connected layers) and a dynamic batch.
 CLASSIFIER_CONTRACT = OnnxContract(inputs={"image": {0: "batch"}}, outputs={"logits": {0: "batch"}})

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, OnnxContract, TrainRecipe, register_model
 
 CONTRACT = OnnxContract(inputs={"observation": {0: "batch"}}, outputs={"q_values": {0: "batch"}})
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, OnnxContract, TrainRecipe, register_model
 
 STRIDE = 32  # five 2x2 poolings
 # Skips per variant, and the chain they follow: (upsampler, scorer, backbone stage it scores). FCN-8s is

@@ -19,7 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from dlpipe.training.registry import ModelSpec, OnnxContract, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, OnnxContract, TrainRecipe, register_model
 
 
 def _backbone(in_channels: int, widths: Sequence[int]) -> nn.Sequential:

@@ -12,7 +12,7 @@ from torch import nn
 
 from dlpipe.runtime.errors import InputError
 from dlpipe.training.models.classifiers import CLASSIFIER_CONTRACT
-from dlpipe.training.registry import ModelSpec, TrainRecipe, register_model
+from dlpipe.training.models.spec import ModelSpec, TrainRecipe, register_model
 
 
 def torchvision_classifier(*, in_channels: int, image_size: Sequence[int], num_classes: int,
