@@ -130,32 +130,9 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
 @JSON
 def train_cmd(model, as_json, no_progress, **opts) -> None:
     """Train MODEL; writes best.pt, last.pt and metrics.jsonl to --out."""
-    from dlpipe.training.train import TrainConfig, main
+    from dlpipe.training.train import train_command
 
-    rl_opts = {k: opts.pop(k) for k in ("env", "total_steps", "buffer_size", "double_dqn")}
-    if model.startswith("dqn-"):  # reinforcement learning (issue 5): an environment instead of a dataset
-        from dlpipe.training.dqn import train_command
-
-        result, human = train_command(model, progress=not no_progress, **rl_opts, **opts)
-        return emit(result, as_json, human)
-    if any(v not in (None, False) for v in rl_opts.values()):
-        raise click.UsageError("--env, --total-steps, --buffer-size and --double-dqn are for DQN models (dqn-...)")
-    result = main(TrainConfig(model=model, progress=not no_progress, **opts))
-    if "test_bleu" in result:  # captioning (issue 4): BLEU-4 and exact sentences, a package folder to export to
-        return emit(result, as_json, f"best validation BLEU-4 {result['best_val_bleu']:.4f}, test BLEU-4 "
-                    f"{result['test_bleu']:.4f} greedy / {result['test_beam_bleu']:.4f} beam {result['beam']} (exact "
-                    f"{result['test_exact']:.2%} / {result['test_beam_exact']:.2%})\ncheckpoint: {result['best']}\n"
-                    f"next: dlpipe export {result['best']} --out captioner/manifest.json")
-    if result.get("task") == "detection":  # selected on validation mAP@0.5 (pycocotools)
-        scores = (f"best validation mAP@0.5 {result['best_val_map50']:.4f}, test mAP@0.5 {result['test_map50']:.4f}, "
-                  f"test mAP@[.5:.95] {result['test_map']:.4f}")
-    elif result.get("test_miou") is not None:
-        scores = (f"best validation mean IoU {result['best_val_acc']:.4f}, test mean IoU {result['test_miou']:.4f}, "
-                  f"test pixel accuracy {result['test_acc']:.4f}")
-    else:
-        scores = f"best validation accuracy {result['best_val_acc']:.4f}, test accuracy {result['test_acc']:.4f}"
-    human = (f"{scores}\n"
-             f"checkpoint: {result['best']}\nnext: dlpipe export {result['best']} --out model.onnx")
+    result, human = train_command(model, progress=not no_progress, **opts)
     emit(result, as_json, human)
 
 
@@ -181,6 +158,9 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Held out from each class.")
 @click.option("--test-limit", type=int, default=None, help="Registered datasets: first N test images only.")
 @click.option("--scratch", is_flag=True, help="Baseline: the same network, images and budget from random weights.")
+@click.option("--patience", type=int, default=0, show_default=True,
+              help="End a stage after N epochs without validation improvement (0: off).")
+@click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -188,9 +168,9 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @JSON
 def finetune_cmd(as_json, no_progress, **opts) -> None:
     """Fine-tune a pretrained classifier on your images; writes a checkpoint 'dlpipe export' takes."""
-    from dlpipe.training.finetune import FinetuneConfig, main
+    from dlpipe.training.finetune import FinetuneConfig, finetune
 
-    r = main(FinetuneConfig(progress=not no_progress, **opts))
+    r = finetune(FinetuneConfig(progress=not no_progress, **opts))
     split = r["per_class_split"]
     before = r["head_only"] or {}
     rows = [[f"{split} accuracy", f"{100 * before[f'{split}_acc']:.2f}%" if before else None,
@@ -291,10 +271,11 @@ def quantize_cmd(model, precision, method, calibration, calibration_size, calibr
 @JSON
 def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_json) -> None:
     """Accuracy of each ONNX model (any precision) through the runtime."""
-    from dlpipe.training.evaluate import evaluate_onnx
+    from dlpipe.export.evaluate import evaluate_onnx
+    from dlpipe.training.tasks import get_task
 
     reports = [evaluate_onnx(m, dataset, split, limit, data_dir, device) for m in models]
-    rows = [[r["model"], r["precision"], r["dataset"], r["images"], _scores(r)] for r in reports]
+    rows = [[r["model"], r["precision"], r["dataset"], r["images"], get_task(r["task"]).describe(r)] for r in reports]
     human = table(rows, ["model", "precision", "dataset", "images", "task metrics"])
     if confusion:
         for r in reports:
@@ -304,18 +285,6 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
             human += f"\n\nconfusion matrix of {r['model']} (rows: true, columns: predicted)\n"
             human += table([[labels[i], *row] for i, row in enumerate(r["confusion"])], ["", *labels])
     emit(reports, as_json, human)
-
-
-def _scores(report: dict) -> str:
-    """The task metrics of one evaluation report, in words."""
-    if "map50" in report:
-        return f"mAP@0.5 {report['map50']:.4f}, mAP@[.5:.95] {report['map']:.4f}"
-    if "bleu" in report:
-        exact = f", exact sentences {100 * report['accuracy']:.1f}%" if "accuracy" in report else ""
-        return f"BLEU-4 {report['bleu']:.4f}{exact}"
-    if "miou" in report:
-        return f"mean IoU {report['miou']:.4f}, pixel accuracy {100 * report['accuracy']:.2f}%"
-    return f"accuracy {100 * report['accuracy']:.2f}%"
 
 
 @cli.command("bench")
@@ -333,7 +302,7 @@ def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, 
     """Latency (p50/p90/p99) and throughput of ONNX MODELS, beside PyTorch eager."""
     import json
 
-    from dlpipe.training.evaluate import benchmark
+    from dlpipe.export.evaluate import benchmark
 
     stats = benchmark(models, _ints(batches), checkpoint, warmup, iters, threads, device)
     data = [s.as_dict() for s in stats]
@@ -351,11 +320,11 @@ def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, 
 @JSON
 def classify_cmd(model, images, top_k, device, as_json) -> None:
     """Top-k labels for IMAGES (PNG/JPEG, any size, colour or grayscale)."""
-    from dlpipe.runtime import load
+    from dlpipe.runtime import Classifier, load
 
     predictor = load(model, device=device)
-    if predictor.task != "classification":
-        raise click.UsageError(f"'{model}' is a {predictor.task} model, not a classifier")
+    if not isinstance(predictor, Classifier):
+        raise click.UsageError(f"'{model}' is a {predictor.info.task} model, not a classifier")
     results = predictor.predict(list(images), top_k=top_k)
     data = [{"image": img, "label": r.label, "score": r.score, "top_k": [{"label": l, "score": s} for l, s in r.top_k]}
             for img, r in zip(images, results)]
@@ -412,7 +381,7 @@ def detect_cmd(model, images, out, threshold, device, as_json) -> None:
 @JSON
 def play_cmd(model, env_id, episodes, seed, epsilon, max_steps, record, device, as_json) -> None:
     """Play a DQN policy (ONNX, any precision) in its environment; report mean ± std return."""
-    from dlpipe.apps.play import play
+    from dlpipe.training.play import play
 
     r = play(model, env_id, episodes=episodes, seed=seed, epsilon=epsilon, max_steps=max_steps, record=record,
              device=device)

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from dlpipe.runtime import load
 from dlpipe.runtime.errors import InputError
+from dlpipe.runtime.files import atomic_output, write_json
 from dlpipe.runtime.images import open_image
 from dlpipe.runtime.predictors import Detector, draw_detections
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def detect_images(model: str | Path, images: list[str], out: str | Path, threshold: float = 0.5,
@@ -42,7 +31,8 @@ def detect_images(model: str | Path, images: list[str], out: str | Path, thresho
         drawn, listing = out / f"{stem}_boxes.png", out / f"{stem}_boxes.json"
         row = {"image": str(path), "width": picture.size[0], "height": picture.size[1], "threshold": threshold,
                "detections": [d.as_dict() for d in found]}
-        _atomic(drawn, lambda tmp, p=picture, f=found: draw_detections(p, f).save(tmp, format="PNG"))
-        _atomic(listing, lambda tmp, r=row: Path(tmp).write_text(json.dumps(r, indent=2) + "\n"))
+        with atomic_output(drawn) as tmp:
+            draw_detections(picture, found).save(tmp, format="PNG")
+        write_json(listing, row)
         rows.append({**row, "drawn": str(drawn), "json": str(listing)})
     return rows

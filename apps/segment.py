@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +9,14 @@ from PIL import Image
 
 from dlpipe.runtime import load
 from dlpipe.runtime.errors import InputError
+from dlpipe.runtime.files import atomic_output
 from dlpipe.runtime.images import open_image
 from dlpipe.runtime.predictors import Segmenter
 
 
 def _save_png(array, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def segment_images(model: str | Path, images: list[str], out: str | Path, device: str = "auto") -> list[dict[str, Any]]:

@@ -1,112 +1,39 @@
-"""Evaluation of exported models through the runtime, and benchmarks that put the runtime beside
-PyTorch eager on the same inputs."""
+"""Evaluation of exported models through the runtime (each task's metric, from its declaration), and
+benchmarks that put the runtime beside PyTorch eager on the same inputs."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
 from dlpipe.runtime.engine import Engine
-from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.predictors import Classifier, Detector, Segmenter, load
+from dlpipe.runtime.errors import InputError
+from dlpipe.runtime.predictors import load
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
-from dlpipe.training.data import load_split
-from dlpipe.training.train import mean_iou
+from dlpipe.training.tasks import get_task
 
 
 def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "test", limit: int | None = None,
-                  data_dir: str | None = None, device: str = "auto", batch_size: int = 256) -> dict[str, Any]:
-    """Accuracy, per-class accuracy and confusion matrix of a classifier ONNX model on a dataset split,
-    run through the runtime's own preprocessing from raw images."""
+                  data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """The task metrics of an exported model (any precision, file or package) on a dataset split, run through
+    the runtime from raw inputs (the task's ``evaluate``): accuracy and confusion for classifiers, mean IoU
+    for segmenters, COCO mAP for detectors, BLEU-4 for captioners, the mean return for policies.
+
+    Args:
+        dataset: A dataset (or environment) name, or an image folder; the one the model names when None.
+    """
     predictor = load(model, device=device)
-    if getattr(predictor, "task", None) == "captioning":  # BLEU-4 and exact matches of a captioner package (issue 4)
-        from dlpipe.training.captioning import evaluate_captioner
-
-        return evaluate_captioner(predictor, dataset, split, limit)
-    if isinstance(predictor, Segmenter):
-        return _evaluate_segmenter(predictor, model, dataset, split, limit, data_dir)
-    if isinstance(predictor, Detector):
-        return _evaluate_detector(predictor, model, dataset, split, limit, data_dir)
-    if not isinstance(predictor, Classifier):
-        raise ModelFileError(f"'{model}' is a {predictor.info.task} model; evaluate supports classification, "
-                             "segmentation and detection")
-    info = predictor.info
-    dataset = _dataset_for(info, dataset, model)
-    if Path(dataset).is_dir():  # an image folder, one sub-folder per class (issue 6)
-        from dlpipe.training.finetune import folder_images
-
-        images, labels = folder_images(dataset, info.labels, limit)
-    else:
-        images, labels = load_split(dataset, split, data_dir, limit)
-    if len(info.labels) and labels.max() >= len(info.labels):
-        raise InputError(f"dataset {dataset!r} has labels up to {labels.max()}, '{model}' knows {len(info.labels)} "
-                         "classes")
-    start = time.perf_counter()
-    pred = predictor.logits(images, batch_size=batch_size).argmax(1)
-    seconds = time.perf_counter() - start
-    n = max(len(info.labels), int(labels.max()) + 1)
-    confusion = np.zeros((n, n), dtype=np.int64)
-    np.add.at(confusion, (labels, pred), 1)
-    support = confusion.sum(1)
-    per_class = {info.labels[i] if i < len(info.labels) else str(i): (float(confusion[i, i] / support[i])
-                 if support[i] else None) for i in range(n)}
-    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
-            "images": int(len(labels)), "accuracy": float((pred == labels).mean()), "per_class_accuracy": per_class,
-            "confusion": confusion.tolist(), "labels": list(info.labels), "seconds": seconds,
-            "providers": predictor.engine.providers}
-
-
-def _dataset_for(info, dataset: str | None, model) -> str:
-    """The dataset to evaluate on: the one given, else the one the model's metadata names."""
-    dataset = dataset or info.raw.get("dataset")
+    task = get_task(predictor.info.task)
+    dataset = dataset or predictor.info.raw.get("dataset")
     if not dataset:
         raise InputError(f"'{model}' does not name its dataset; pass --dataset")
-    return dataset
-
-
-def _evaluate_segmenter(predictor: Segmenter, model, dataset, split, limit, data_dir) -> dict[str, Any]:
-    """Pixel accuracy, mean IoU and per-class IoU of a segmentation model."""
-    info = predictor.info
-    dataset = _dataset_for(info, dataset, model)
-    images, masks = load_split(dataset, split, data_dir, limit)
-    if masks.ndim != 3:
-        raise InputError(f"dataset {dataset!r} has no segmentation masks")
-    start = time.perf_counter()
-    pred = predictor.masks(images)
-    seconds = time.perf_counter() - start
-    k = len(info.labels)
-    confusion = np.bincount(masks.astype(np.int64).ravel() * k + pred.ravel(), minlength=k * k).reshape(k, k)
-    inter = np.diag(confusion)
-    union = confusion.sum(0) + confusion.sum(1) - inter
-    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
-            "images": int(len(masks)), "accuracy": float(inter.sum() / confusion.sum()), "miou": mean_iou(confusion),
-            "per_class_iou": {lbl: (float(inter[i] / union[i]) if union[i] else None)
-                              for i, lbl in enumerate(info.labels)},
-            "confusion": confusion.tolist(), "labels": list(info.labels), "seconds": seconds,
-            "providers": predictor.engine.providers}
-
-
-def _evaluate_detector(predictor: Detector, model, dataset, split, limit, data_dir) -> dict[str, Any]:
-    """COCO mAP@0.5 and mAP@[.5:.95] (pycocotools) of a detector, every detection it returns scored."""
-    from dlpipe.training.detection import coco_metrics
-
-    info = predictor.info
-    dataset = _dataset_for(info, dataset, model)
-    images, targets = load_split(dataset, split, data_dir, limit)
-    if not isinstance(targets, list):
-        raise InputError(f"dataset {dataset!r} has no boxes")
-    start = time.perf_counter()
-    predictions = [dict(zip(("boxes", "labels", "scores"), predictor.raw(image))) for image in images]
-    seconds = time.perf_counter() - start
-    return {"model": str(model), "precision": info.precision, "dataset": dataset, "split": split,
-            "images": int(len(images)), **coco_metrics(targets, predictions, info.labels),
-            "objects": int(sum(len(t["labels"]) for t in targets)), "labels": list(info.labels), "seconds": seconds,
-            "providers": predictor.engine.providers}
+    report = task.evaluate(predictor, model, dataset, split, limit, data_dir)
+    return {"model": str(model), "task": task.name, "precision": predictor.info.precision, "dataset": dataset,
+            "split": split, "metric": task.metric.key, "metric_name": task.metric.name,
+            "labels": list(predictor.info.labels), "providers": predictor.engine.providers, **report}
 
 
 def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), checkpoint: str | Path | None = None,
@@ -126,9 +53,11 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
             torch.set_num_threads(threads)
         module = model_from_checkpoint(load_checkpoint(checkpoint))
     results: list[LatencyStats] = []
-    if any(e.info is not None and e.info.task == "detection" for e in engines.values()) or (
-            module is not None and load_checkpoint(checkpoint).get("task") == "detection"):
-        batches = [1]  # detectors take one image at a time
+    tasks = {e.info.task for e in engines.values() if e.info is not None}
+    if module is not None:
+        tasks.add(load_checkpoint(checkpoint)["task"])
+    if not all(get_task(t).batched for t in tasks):
+        batches = [1]  # graphs without a batch axis (detectors) take one input at a time
     for batch in batches:
         runners = {}
         reference = None

@@ -3,11 +3,9 @@ real inputs of two other batch sizes, written atomically (nothing is left half-w
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
-import contextlib
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,9 +19,11 @@ from torch import nn
 from dlpipe.export.metadata import build_metadata, write_metadata
 from dlpipe.export.validate import ParityResult, validate_parity
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
-from dlpipe.runtime.files import publish
+from dlpipe.runtime.captioner import MANIFEST, PACKAGE_FORMAT
+from dlpipe.runtime.files import atomic_folder, atomic_output, write_json
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.registry import OnnxContract, get_spec
+from dlpipe.training.tasks import Graph, get_task
 
 EXPORTERS = ("dynamo", "torchscript")
 
@@ -88,10 +88,7 @@ def export_module(module: nn.Module, example: tuple[torch.Tensor, ...], out: str
     opset = opset or contract.opset
     axes = _axes(contract, dynamic_batch)
     module = module.eval()
-    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".onnx.tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(out) as tmp:
         try:
             _torch_export(module, example, tmp, contract, opset, axes, exporter)
             model = onnx.load(str(tmp))
@@ -106,70 +103,79 @@ def export_module(module: nn.Module, example: tuple[torch.Tensor, ...], out: str
         write_metadata(model, metadata)
         onnx.save(model, str(tmp))
         parity = validate_parity(tmp, module, check_inputs, list(contract.outputs), contract.atol, contract.rtol)
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return ExportReport(str(out), name, opset, exporter, axes, parity, time.perf_counter() - start)
-
-
-def _check_batches(examples: torch.Tensor, dynamic_batch: bool,
-                   dynamic_size: bool = False, multiple: int = 1) -> tuple[tuple, list[tuple]]:
-    """Export on 2 real inputs; check on 1 and on up to 16 others (two other batch sizes). Models with
-    dynamic height and width are also checked at another resolution (the real images resized)."""
-    if len(examples) < 4:
-        raise ModelFileError("the checkpoint holds fewer than 4 example inputs; cannot prove parity")
-    if not dynamic_batch:
-        example, checks = (examples[:1],), [(examples[1:2],), (examples[2:3],)]
-    else:
-        example, checks = (examples[:2],), [(examples[2:3],), (examples[3:19],)]
-    if dynamic_size:
-        h, w = examples.shape[-2:]
-        size = (h + 2 * max(multiple, 16), w + 4 * max(multiple, 16))
-        resized = torch.nn.functional.interpolate(checks[1][0], size=size, mode="bilinear", align_corners=False)
-        checks[1] = (resized,)
-    return example, checks
-
-
-def _check_images(examples: torch.Tensor) -> tuple[tuple, list[tuple]]:
-    """Single-image models (detectors): export on one real image, check on another at its own size and on
-    a third resized to another height and width."""
-    if len(examples) < 3:
-        raise ModelFileError("the checkpoint holds fewer than 3 example images; cannot prove parity")
-    h, w = examples.shape[-2:]
-    other = torch.nn.functional.interpolate(examples[2:3], size=(h + h // 2, w + w // 4), mode="bilinear",
-                                            align_corners=False)[0]
-    return (examples[0],), [(examples[1],), (other,)]
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | None = None, dynamic_batch: bool = True,
                       exporter: str | None = None) -> ExportReport:
-    """Export a dlpipe training checkpoint (any registered model) to a self-describing ONNX file."""
+    """Export a dlpipe training checkpoint (any registered model) to a self-describing ONNX file, or to a
+    package folder of several graphs with a manifest when its task exports several (the task's ``graphs``)."""
     ckpt = load_checkpoint(checkpoint)
     spec = get_spec(ckpt["model"])
-    if spec.task == "captioning":  # two graphs and a manifest in a package folder (issue 4)
-        from dlpipe.export.captioner import export_captioner
+    task = get_task(spec.task)
+    graphs = task.graphs(ckpt, model_from_checkpoint(ckpt), dynamic_batch)
+    extra = dict(task.metadata(ckpt))
+    manifest = extra.pop("manifest", {})
+    if len(graphs) > 1:
+        return export_package(ckpt, graphs, out, extra, manifest, opset=opset, exporter=exporter)
+    graph = graphs[0]
+    meta = graph_metadata(ckpt, graph.contract, dynamic_batch, extra)
+    return export_module(graph.module, graph.example, out, contract=graph.contract, metadata=meta,
+                         check_inputs=graph.checks, opset=opset, dynamic_batch=dynamic_batch,
+                         exporter=exporter or graph.contract.exporter, name=spec.name)
 
-        return export_captioner(checkpoint, out, opset=opset, exporter=exporter)
-    module = model_from_checkpoint(ckpt)
-    contract = spec.contract
-    if spec.task == "detection":  # one CHW image in, a variable number of detections out
-        example, checks = _check_images(ckpt["examples"])
-    else:
-        example, checks = _check_batches(ckpt["examples"], dynamic_batch, contract.dynamic_size,
-                                         contract.size_multiple)
+
+def graph_metadata(ckpt: dict[str, Any], contract: OnnxContract, dynamic_batch: bool,
+                   extra: dict[str, Any]) -> dict[str, Any]:
+    """The metadata document of one exported graph of a checkpoint (with the task's ``extra`` content)."""
     ds = ckpt["dataset"]
     preprocessing = {**ds["preprocessing"], "size_multiple": contract.size_multiple}
-    meta = build_metadata(task=spec.task, model=spec.name, labels=list(ds["labels"]),
-                          preprocessing=preprocessing, inputs=list(spec.contract.inputs),
-                          outputs=list(spec.contract.outputs), dynamic_axes=_axes(spec.contract, dynamic_batch),
-                          dataset=ds["name"], metrics=dict(ckpt.get("metrics", {})))
-    meta["model_args"] = ckpt["model_args"]
-    if "environment" in ckpt:  # DQN policies: the environment id, observation shape and actions (issue 5)
-        meta["environment"] = ckpt["environment"]
-    return export_module(module, example, out, contract=spec.contract, metadata=meta, check_inputs=checks,
-                         opset=opset, dynamic_batch=dynamic_batch, exporter=exporter or spec.contract.exporter,
-                         name=spec.name)
+    meta = build_metadata(task=ckpt["task"], model=ckpt["model"], labels=list(ds["labels"]),
+                          preprocessing=preprocessing, inputs=list(contract.inputs), outputs=list(contract.outputs),
+                          dynamic_axes=_axes(contract, dynamic_batch), dataset=ds["name"],
+                          metrics=dict(ckpt.get("metrics", {})))
+    return {**meta, "model_args": ckpt["model_args"], **extra}
+
+
+def _package_folder(out: str | Path) -> Path:
+    """``--out`` names the package folder; ``model.onnx`` or ``model/manifest.json`` mean ``model/``."""
+    out = Path(out)
+    if out.name == MANIFEST:
+        return out.parent
+    return out.with_suffix("") if out.suffix.lower() in (".onnx", ".json") else out
+
+
+def export_package(ckpt: dict[str, Any], graphs: list[Graph], out: str | Path, extra: dict[str, Any],
+                   manifest_extra: dict[str, Any], *, opset: int | None = None,
+                   exporter: str | None = None) -> ExportReport:
+    """Export the parts of a model to a package folder (``<part>.onnx`` each, and ``manifest.json`` naming
+    them with the shared metadata); an older package is replaced only once the new one is complete.
+
+    Returns:
+        An :class:`ExportReport` whose ``path`` is the manifest and whose parity covers every graph.
+    """
+    start = time.perf_counter()
+    folder = _package_folder(out)
+    if folder.exists() and not (folder / MANIFEST).is_file():
+        raise InputError(f"'{folder}' exists and is not a model package; choose another --out")
+    reports = []
+    with atomic_folder(folder) as tmp:
+        for graph in graphs:
+            meta = {**graph_metadata(ckpt, graph.contract, True, extra), "part": graph.part}
+            reports.append(export_module(graph.module, graph.example, tmp / f"{graph.part}.onnx",
+                                         contract=graph.contract, metadata=meta, check_inputs=graph.checks,
+                                         opset=opset, exporter=exporter or graph.contract.exporter,
+                                         name=f"{ckpt['model']} {graph.part}"))
+        ds = ckpt["dataset"]
+        write_json(tmp / MANIFEST, {"format": PACKAGE_FORMAT, "format_version": 1, "task": ckpt["task"],
+                                    "model": ckpt["model"], "precision": "fp32", "variants": {"fp32": MANIFEST},
+                                    "graphs": {g.part: f"{g.part}.onnx" for g in graphs},
+                                    "preprocessing": ds["preprocessing"], "dataset": ds["name"],
+                                    "metrics": dict(ckpt.get("metrics", {})), "opset": reports[0].opset,
+                                    "model_args": ckpt["model_args"], **extra, **manifest_extra})
+    axes = {k: v for r in reports for k, v in r.dynamic_axes.items()}
+    return ExportReport(str(folder / MANIFEST), ckpt["model"], reports[0].opset, reports[0].exporter, axes,
+                        [p for r in reports for p in r.parity], time.perf_counter() - start)
 
 
 def import_builder(target: str):

@@ -1,6 +1,8 @@
-"""fp16 and int8 variants of a dlpipe ONNX model, path in, path out (onnxruntime's ``quantize_static``
-style), configured by a small frozen :class:`QuantizationConfig`. Every result records what was done
-in its metadata and is checked against the fp32 model on real inputs (top-1 agreement)."""
+"""fp16 and int8 variants of a dlpipe ONNX model or model package, path in, path out (onnxruntime's
+``quantize_static`` style), configured by a small frozen :class:`QuantizationConfig`. What the quantizer
+keeps in float, where its calibration and check inputs come from and how agreement is measured are the
+task's :class:`~dlpipe.training.tasks.QuantizationPolicy`. Every result records what was done in its
+metadata and is checked against fp32 on real inputs."""
 
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ import numpy as np
 import onnx
 
 from dlpipe.export.metadata import read_metadata, write_metadata
-from dlpipe.runtime.captioner import is_package
+from dlpipe.runtime.captioner import is_package, read_manifest
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
-from dlpipe.runtime.files import publish
-from dlpipe.runtime.formats import QUANTIZED
-from dlpipe.runtime.images import preprocess
-from dlpipe.runtime.metadata import ModelInfo
+from dlpipe.runtime.files import atomic_output, write_json
+from dlpipe.runtime.formats import QUANTIZED, variant_path
+from dlpipe.runtime.predictors import load
+from dlpipe.training.tasks import QuantizationPolicy, Task, get_task
+from dlpipe.training.tasks.common import load_images_for
+
+__all__ = ["QuantizationConfig", "QuantizeReport", "QuantizationError", "quantize", "load_images_for"]
 
 METHODS = ("static", "dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -116,50 +121,11 @@ class ArrayCalibrationReader:
         self.pos = 0
 
 
-def load_images_for(info: ModelInfo, source: str | None, split: str, count: int, data_dir: str | None = None,
-                    offset: int = 0) -> np.ndarray:
-    """Real preprocessed model inputs for calibration or checks.
-
-    Args:
-        source: A dataset name, a folder of images, a ``.npy`` array of preprocessed inputs, or None
-            for the dataset the model was trained on.
-        split: Dataset split to read (``train`` for calibration, ``test`` for checks).
-    """
-    if source and Path(source).suffix == ".npy":
-        arr = np.load(source)
-        if arr.dtype != np.float32 or arr.ndim != 4:
-            raise InputError(f"'{source}' must hold a float32 NCHW array of preprocessed inputs, got "
-                             f"{arr.dtype} {list(arr.shape)}")
-        return arr[offset:offset + count]
-    if source is None and Path(str(info.raw.get("dataset") or "")).is_dir():
-        source = info.raw["dataset"]  # fine-tuned on an image folder (issue 6): calibrate on it
-    if source and Path(source).is_dir():
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
-        if not files:
-            raise InputError(f"calibration folder '{source}' holds no PNG/JPEG/BMP images")
-        return preprocess(files[offset:offset + count] or files[:count], info.preprocessing)
-    if source and ("/" in source or Path(source).suffix):
-        raise InputError(f"calibration source '{source}' does not exist")
-    dataset = source or info.raw.get("dataset")
-    if not dataset:
-        raise InputError("the model does not name its dataset; pass --calibration DATASET|FOLDER|FILE.npy")
-    from dlpipe.training.data import load_split  # torch-side; quantization is a build step
-
-    images, _ = load_split(dataset, split, data_dir, limit=offset + count)
-    return preprocess(list(images[offset:offset + count]), info.preprocessing)
-
-
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
-
-
-# Detectors in fp16: the networks (backbone, RPN head, box head) only; the resizing, anchor and box
-# arithmetic, RoIAlign, NMS and the shape computations around them stay float32.
-DETECTION_FP16_SCOPES = ("/detector/backbone/", "/detector/rpn/head/", "/detector/roi_heads/box_head/",
-                         "/detector/roi_heads/box_predictor/")
 
 
 def _scoped_fp16(model: onnx.ModelProto, convert: set[str]) -> onnx.ModelProto:
@@ -215,17 +181,19 @@ def _scoped_fp16(model: onnx.ModelProto, convert: set[str]) -> onnx.ModelProto:
     return model
 
 
-def _to_fp16(src: Path, dst: Path, cfg: QuantizationConfig, task: str = "classification") -> list[str]:
+def _to_fp16(src: Path, dst: Path, cfg: QuantizationConfig, policy: QuantizationPolicy) -> list[str]:
+    """float16 weights and activations, float32 inputs and outputs; the policy's operators (and scopes)
+    kept in float32. Returns what was kept."""
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
-    block = sorted(set(FP16_BLOCK_LIST) | set(cfg.keep_fp32))
+    block = sorted(set(FP16_BLOCK_LIST) | set(cfg.keep_fp32) | set(policy.fp16_keep_ops))
     nodes = list(cfg.exclude_nodes)
-    if task == "detection":
-        convert = {n.name for n in model.graph.node if n.name.startswith(DETECTION_FP16_SCOPES)
+    if policy.fp16_scopes:
+        convert = {n.name for n in model.graph.node if n.name.startswith(policy.fp16_scopes)
                    and n.op_type not in block and n.name not in nodes}
         kept = [n for n in model.graph.node if n.name not in convert]
-        named = [f"{n.op_type}:{n.name}" for n in kept if n.op_type in DETECTION_FP32_REPORTED]
+        named = [f"{n.op_type}:{n.name}" for n in kept if n.op_type in policy.reported_fp32_ops]
         onnx.save(_scoped_fp16(model, convert), str(dst))
         return named + [f"{len(kept) - len(named)} resize, anchor, box-decoding and shape nodes"]
     with warnings.catch_warnings():  # it warns for every weight below float16's smallest normal number
@@ -258,14 +226,10 @@ def _stem_convs(model: onnx.ModelProto) -> list[str]:
             and len(weights[n.input[1]].dims) == 4 and weights[n.input[1]].dims[1] <= 3]
 
 
-# Detectors: only the convolutions (backbone and RPN) go to int8. The box head's fully connected
-# layers, RoIAlign, box decoding, NMS and the resizing stay float32 (quantizing them costs mAP).
-DETECTION_INT8_OPS = ("Conv",)
-DETECTION_FP32_REPORTED = ("Gemm", "MatMul", "RoiAlign", "NonMaxSuppression", "Resize", "TopK", "Exp")
-
-
-def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None,
-             input_name: str, task: str = "classification") -> list[str]:
+def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None, input_name: str,
+             policy: QuantizationPolicy, unbatched: bool = False) -> list[str]:
+    """Static QDQ (calibrated, uint8 activations, int8 per-channel weights) or dynamic int8, with the
+    policy's operator set and the image stem and the policy's nodes left in float32. Returns what was kept."""
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -280,151 +244,196 @@ def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndar
         model = onnx.load(str(prep))
         excluded = [n.name for n in model.graph.node if n.op_type in cfg.keep_fp32 or n.name in cfg.exclude_nodes]
         excluded += [name for name in _stem_convs(model) if name not in excluded]
-        op_types = list(DETECTION_INT8_OPS) if task == "detection" else None
+        op_types = list(policy.int8_ops) if policy.int8_ops else None
         if cfg.method == "dynamic":
             quantize_dynamic(str(prep), str(dst), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
                              nodes_to_exclude=excluded, op_types_to_quantize=op_types)
         else:
             method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                       "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-            reader = ArrayCalibrationReader(input_name, calibration, unbatched=task == "detection")
+            reader = ArrayCalibrationReader(input_name, calibration, unbatched=unbatched)
             quantize_static(str(prep), str(dst), reader, op_types_to_quantize=op_types,
                             quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=method, nodes_to_exclude=excluded,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        if task == "detection":
-            excluded += [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in DETECTION_FP32_REPORTED]
+        excluded += [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in policy.reported_fp32_ops]
     return excluded
 
 
-def _agreement(fp32: Engine, variant: Engine, checks: np.ndarray) -> tuple[float, float]:
-    """How often the variant makes the fp32 model's decision on the check inputs, and the largest output
-    difference. Classifiers: top-1 (argmax over axis 1, per pixel for segmentation). Policies: the greedy
-    action, where the fp32 policy prefers it by a margin.
-    Detectors: confident (score >= 0.5) fp32 detections matched by a variant detection of the same class
-    at IoU >= 0.5, over the larger of the two counts; the difference is over matched boxes."""
-    name = fp32.input_names[0]
-    if fp32.info is not None and fp32.info.task == "detection":
-        matched, total, max_abs = 0, 0, 0.0
-        for image in checks:
-            (rb, rl, rs), (gb, gl, gs) = fp32.run({name: image})[:3], variant.run({name: image})[:3]
-            rb, rl, gb, gl = rb[rs >= 0.5], rl[rs >= 0.5], gb[gs >= 0.5], gl[gs >= 0.5]
-            total += max(len(rb), len(gb))
-            used = np.zeros(len(gb), dtype=bool)
-            for box, label in zip(rb, rl):
-                iou = _iou(box, gb) * (gl == label) * ~used
-                if len(iou) and iou.max() >= 0.5:
-                    j = int(iou.argmax())
-                    used[j] = True
-                    matched += 1
-                    max_abs = max(max_abs, float(np.abs(gb[j] - box).max()))
-        return (matched / total if total else 1.0), max_abs
-    ref, got = fp32.run({name: checks})[0], variant.run({name: checks})[0]
-    same = ref.argmax(1) == got.argmax(1)
-    if fp32.info is not None and fp32.info.task == "control":
-        # A policy's Q-values for its actions can be nearly equal (CartPole: ~90 each, ~0.1 apart); where the
-        # fp32 network itself is indifferent (its best two within 1% of the Q scale) either action is its
-        # choice, so only the decisions it makes with a margin count.
-        top2 = np.sort(ref, axis=1)[:, -2:]
-        decisive = (top2[:, 1] - top2[:, 0]) >= 0.01 * np.abs(ref).mean()
-        same = same[decisive] if decisive.any() else same
-    return float(same.mean()), float(np.abs(ref - got).max())
+def _convert(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None, task: Task) -> list[str]:
+    """``src`` as ``cfg.precision`` in ``dst``; onnxruntime's and the converter's failures as one clear error."""
+    try:
+        if cfg.precision == "fp16":
+            return _to_fp16(src, dst, cfg, task.quantization)
+        input_name = Engine(src, device="cpu").input_names[0]
+        return _to_int8(src, dst, cfg, calibration, input_name, task.quantization, unbatched=not task.batched)
+    except DlpipeError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise QuantizationError(f"{cfg.precision} quantization of '{src}' failed: {first}") from None
 
 
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``x0,y0,x1,y1`` box with each of ``boxes``."""
-    if not len(boxes):
-        return np.zeros(0)
-    x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x1, y1 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+def correct_output_bias(quantized: Path, fp32_path: Path, inputs: np.ndarray) -> None:
+    """Bias correction (Nagel et al., 2019) of the float32 output layer of an int8 model: int8 layers shift
+    the outputs by a systematic offset, and for a Q-network a shift of a few tenths flips actions whose gap
+    is ~0.1 (measured on CartPole: one seed's int8 policy fell from 500 to 130, 500 again after correction).
+    Subtracts the mean (int8 - fp32) output error on ``inputs`` from the output Gemm's bias, in place."""
+    from onnx import numpy_helper
+
+    error = (Engine(quantized, device="cpu").run(inputs)[0] - Engine(fp32_path, device="cpu").run(inputs)[0]).mean(0)
+    model = onnx.load(str(quantized))
+    dense = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")]
+    node = dense[-1] if dense else None
+    inits = {t.name: t for t in model.graph.initializer}
+    if node is None or node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in inits:
+        return  # no float Gemm with a bias at the output: leave the model as quantized
+    bias = numpy_helper.to_array(inits[node.input[2]]) - error.astype(np.float32)
+    inits[node.input[2]].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), node.input[2]))
+    doc = read_metadata(model) or {}
+    doc["bias_correction"] = {"node": node.name, "inputs": len(inputs),
+                              "subtracted": [round(float(e), 6) for e in error]}
+    write_metadata(model, doc)
+    onnx.save(model, str(quantized))
+
+
+def _record(path: Path, config: QuantizationConfig, kept: list[str], source: str, calibration: dict | None) -> onnx.ModelProto:
+    """Write what quantization did into the model's metadata; returns the model."""
+    model = onnx.load(str(path))
+    doc = read_metadata(model) or {}
+    doc["precision"] = config.precision
+    doc["quantization"] = {k: v for k, v in asdict(config).items() if k != "min_agreement"}
+    doc["quantization"].update(kept_fp32=kept, source=source)
+    if calibration is not None:
+        doc["quantization"]["calibration"] = calibration
+    write_metadata(model, doc)
+    onnx.save(model, str(path))
+    return model
+
+
+def _gate(agreement: float, config: QuantizationConfig, task: Task, checks: int) -> None:
+    if agreement < config.min_agreement:
+        raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} "
+                                f"({task.quantization.agreement_name}) for {checks} check inputs (minimum "
+                                f"{config.min_agreement:.0%}); try --method, more calibration images or --keep-fp32 OP")
 
 
 def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig, *,
              calibration: str | None = None, check: str | None = None, check_size: int = 512,
              data_dir: str | None = None) -> QuantizeReport:
-    """Write the ``config.precision`` variant of a dlpipe fp32 ONNX model to ``out`` and check it.
+    """Write the ``config.precision`` variant of a dlpipe fp32 ONNX model (or package) to ``out`` and check it.
 
     Args:
-        calibration: Where calibration images come from (int8 static): dataset name, image folder or
-            ``.npy``; the model's own training dataset when None.
-        check: Where the agreement-check images come from; the test split of the model's dataset (or
-            the calibration source) when None.
+        calibration: Where calibration inputs come from (int8 static): dataset name, image folder or
+            ``.npy``; the task's default (the model's own training data) when None.
+        check: Where the agreement-check inputs come from; the test split of the model's dataset (or
+            the rest of the calibration source) when None.
 
     Raises:
         ModelFileError: not a dlpipe fp32 model. QuantizationError: agreement below ``min_agreement``.
     """
     start = time.perf_counter()
-    if is_package(model_path):  # a captioner package: both graphs, checked caption by caption (issue 4)
-        from dlpipe.export.captioner import quantize_package
-
-        return quantize_package(model_path, out, config, calibration=calibration, check_size=min(check_size, 256))
+    if is_package(model_path):
+        return quantize_package(model_path, out, config, calibration=calibration, check=check,
+                                check_size=min(check_size, 256), data_dir=data_dir)
     model_path, out = Path(model_path), Path(out)
-    fp32 = Engine(model_path, device="cpu")
-    if fp32.info is None:
-        raise ModelFileError(f"'{model_path}' has no dlpipe metadata; export it with 'dlpipe export' first")
-    if fp32.info.precision != "fp32":
-        raise ModelFileError(f"'{model_path}' is already a {fp32.info.precision} model; quantize the fp32 export")
-    input_name = fp32.input_names[0]
-    load_inputs, post_process = load_images_for, None
-    if fp32.info.task == "control":  # DQN policies: observations recorded in their environment (issue 5)
-        from dlpipe.training.dqn import head_bias_correction, int8_fp32_nodes, observation_loader
-
-        load_inputs = observation_loader(model_path)
-        if config.precision == "int8":
-            config = replace(config, exclude_nodes=config.exclude_nodes + int8_fp32_nodes(model_path))
-            post_process = head_bias_correction(model_path)
-    calib = None
-    if config.calibrated:
-        calib = load_inputs(fp32.info, calibration, "train", config.calibration_size, data_dir)
-    # Check on images calibration did not see: the test split of a dataset, or the rest of a
-    # calibration folder / array (all of it when it holds no more than the calibration images).
-    own_files = check is None and calibration is not None and Path(calibration).exists()
-    checks = load_inputs(fp32.info, check or calibration, "test", check_size, data_dir,
-                         offset=config.calibration_size if own_files else 0)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=out.stem + ".", suffix=".onnx.tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        try:
-            if config.precision == "fp16":
-                kept = _to_fp16(model_path, tmp, config, fp32.info.task)
-            else:
-                kept = _to_int8(model_path, tmp, config, calib, input_name, fp32.info.task)
-                if post_process is not None:
-                    post_process(tmp, calib)
-        except DlpipeError:
-            raise
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise QuantizationError(f"{config.precision} quantization of '{model_path}' failed: {first}") from None
-        model = onnx.load(str(tmp))
-        doc = read_metadata(model) or {}
-        doc["precision"] = config.precision
-        doc["quantization"] = {k: v for k, v in asdict(config).items() if k != "min_agreement"}
-        doc["quantization"]["kept_fp32"] = kept
-        doc["quantization"]["source"] = model_path.name
-        if calib is not None:
-            doc["quantization"]["calibration"] = {"source": calibration or doc.get("dataset"), "images": len(calib)}
-        write_metadata(model, doc)
-        onnx.save(model, str(tmp))
-        agreement, max_abs = _agreement(fp32, Engine(tmp, device="cpu"), checks)
-        if agreement < config.min_agreement:
-            raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} of the "
-                                    f"predictions for {len(checks)} check images (minimum {config.min_agreement:.0%}); "
-                                    "try --method, more calibration images or --keep-fp32 OP")
-        publish(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    fp32 = _fp32_model(model_path)
+    task = get_task(fp32.info.task)
+    policy = task.quantization
+    if config.precision == "int8" and policy.keep_fp32_nodes is not None:
+        config = replace(config, exclude_nodes=config.exclude_nodes + policy.keep_fp32_nodes(onnx.load(str(model_path))))
+    calib = policy.inputs(model_path, calibration, "train", config.calibration_size, data_dir, 0) \
+        if config.calibrated else None
+    checks = _check_inputs(policy, model_path, config, calibration, check, check_size, data_dir)
+    with atomic_output(out) as tmp:
+        kept = _convert(model_path, tmp, config, calib, task)
+        if config.precision == "int8" and policy.bias_correct_output:
+            bias_inputs = calib if calib is not None else policy.inputs(model_path, None, "train", 256, data_dir, 0)
+            correct_output_bias(tmp, model_path, bias_inputs)
+        model = _record(tmp, config, kept, model_path.name,
+                        {"source": calibration or fp32.info.raw.get("dataset"), "images": len(calib)}
+                        if calib is not None else None)
+        agreement, max_abs = policy.agreement(load(model_path, device="cpu"), load(tmp, device="cpu"), checks)
+        _gate(agreement, config, task, len(checks))
     return QuantizeReport(path=str(out), precision=config.precision,
                           method=config.method if config.precision == "int8" else None, agreement=agreement,
                           check_images=len(checks), max_abs_diff=max_abs,
                           size_bytes=out.stat().st_size, fp32_size_bytes=model_path.stat().st_size,
                           op_counts=_op_counts(model), kept_fp32=kept, seconds=time.perf_counter() - start)
 
+
+def _fp32_model(model_path: Path) -> Engine:
+    fp32 = Engine(model_path, device="cpu")
+    if fp32.info is None:
+        raise ModelFileError(f"'{model_path}' has no dlpipe metadata; export it with 'dlpipe export' first")
+    if fp32.info.precision != "fp32":
+        raise ModelFileError(f"'{model_path}' is already a {fp32.info.precision} model; quantize the fp32 export")
+    return fp32
+
+
+def _check_inputs(policy: QuantizationPolicy, model_path: Path, config: QuantizationConfig, calibration: str | None,
+                  check: str | None, check_size: int, data_dir: str | None) -> np.ndarray:
+    """Inputs calibration did not see: the test split of a dataset, or the rest of a calibration folder or
+    array (all of it when it holds no more than the calibration images)."""
+    own_files = check is None and calibration is not None and Path(calibration).exists()
+    return policy.inputs(model_path, check or calibration, "test", check_size, data_dir,
+                         config.calibration_size if own_files else 0)
+
+
+def quantize_package(path: str | Path, out: str | Path | None, config: QuantizationConfig, *,
+                     calibration: str | None = None, check: str | None = None, check_size: int = 256,
+                     data_dir: str | None = None) -> QuantizeReport:
+    """Add the ``config.precision`` variant of every graph of a model package, planned part by part by the
+    task's policy, with its own manifest; checked against the fp32 package with the task's agreement.
+
+    Args:
+        path: The package folder or its fp32 manifest.
+        out: The variant's manifest (default ``manifest.<precision>.json`` beside the fp32 one).
+    """
+    start = time.perf_counter()
+    manifest_path, doc = read_manifest(path)
+    if doc.get("precision") != "fp32":
+        raise ModelFileError(f"'{manifest_path}' is the {doc.get('precision')} variant; quantize the fp32 package")
+    folder = manifest_path.parent
+    out = Path(out) if out else variant_path(manifest_path, config.precision)
+    if out.resolve().parent != folder.resolve():
+        raise InputError(f"a package variant's manifest must sit in the package folder '{folder}', got '{out}'")
+    task = get_task(doc["task"])
+    policy = task.quantization
+    plans = policy.parts(config) if policy.parts else {part: config for part in doc["graphs"]}
+    calibrated = any(p.calibrated for p in plans.values())
+    calib = policy.inputs(manifest_path, calibration, "train", config.calibration_size, data_dir, 0) \
+        if calibrated else None
+    checks = _check_inputs(policy, manifest_path, config, calibration, check, check_size, data_dir)
+    suffix, kept, ops, written = f".{config.precision}", [], {}, []
+    try:
+        for part, plan in plans.items():
+            src, tmp = folder / doc["graphs"][part], folder / f"{part}{suffix}.onnx.tmp"
+            written.append(tmp)
+            kept += [f"{part}:{k}" for k in _convert(src, tmp, plan, calib, task)]
+            model = _record(tmp, plan, [], src.name, None)
+            ops.update({f"{part}:{k}": v for k, v in _op_counts(model).items()})
+        variant = {**doc, "precision": config.precision, "variants": {},
+                   "graphs": {p: f"{p}{suffix}.onnx" for p in plans},
+                   "quantization": {p: {"precision": plan.precision, "method": plan.method if plan.precision == "int8"
+                                        else None} for p, plan in plans.items()}}
+        out_tmp = out.with_name(out.stem + ".tmp.json")  # a .json name: it loads as a package
+        written.append(out_tmp)
+        write_json(out_tmp, {**variant, "graphs": {p: f"{p}{suffix}.onnx.tmp" for p in plans}})
+        agreement, max_diff = policy.agreement(load(manifest_path, device="cpu"), load(out_tmp, device="cpu"), checks)
+        _gate(agreement, config, task, len(checks))
+        for part in plans:
+            os.replace(folder / f"{part}{suffix}.onnx.tmp", folder / f"{part}{suffix}.onnx")
+        write_json(out, variant)
+        write_json(manifest_path, {**doc, "variants": {**doc.get("variants", {}), config.precision: out.name}})
+    finally:
+        for tmp in written:
+            if tmp.exists():
+                tmp.unlink()
+    return QuantizeReport(path=str(out), precision=config.precision,
+                          method=config.method if config.precision == "int8" else None, agreement=agreement,
+                          check_images=len(checks), max_abs_diff=max_diff,
+                          size_bytes=sum((folder / f"{p}{suffix}.onnx").stat().st_size for p in plans),
+                          fp32_size_bytes=sum((folder / doc["graphs"][p]).stat().st_size for p in plans),
+                          op_counts=ops, kept_fp32=kept, seconds=time.perf_counter() - start)
