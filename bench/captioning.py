@@ -30,7 +30,7 @@ from dlpipe.training.captioning import (caption_scores, greedy_decode, load_capt
                                         model_and_vocabulary, normalize)
 from dlpipe.training.checkpoint import load_checkpoint  # noqa: E402
 from dlpipe.training.registry import get_spec  # noqa: E402
-from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
+from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
 # = dlpipe train captioner --epochs 20 --schedule onecycle --threads 1 --seed 1
 RECIPE = dict(model="captioner", epochs=20, batch_size=64, lr=3e-3, optimizer="adam", schedule="onecycle", seed=1)

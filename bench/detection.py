@@ -33,8 +33,8 @@ from dlpipe.runtime.benchmark import measure_interleaved  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dlpipe.training.data import load_split, to_nchw  # noqa: E402
-from dlpipe.training.evaluate import evaluate_onnx  # noqa: E402
-from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
+from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
+from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
 RECIPE = dict(model="rcnn", epochs=12, batch_size=16, lr=2e-3, optimizer="adam", schedule="onecycle", seed=0)
 TARGET_MAP50 = {"shapes-boxes": 0.90, "mnist-boxes": 0.85}

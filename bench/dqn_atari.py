@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from common import write_result  # noqa: E402
 
 from dlpipe.apps.output import table  # noqa: E402
-from dlpipe.apps.play import play  # noqa: E402
+from dlpipe.training.play import play  # noqa: E402
 from dlpipe.export.onnx_export import export_checkpoint  # noqa: E402
 from dlpipe.export.quantize import QuantizationConfig, quantize  # noqa: E402
 from dlpipe.runtime import load  # noqa: E402

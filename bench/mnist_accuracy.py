@@ -21,8 +21,8 @@ from dlpipe.apps.output import table  # noqa: E402
 from dlpipe.export.onnx_export import export_checkpoint  # noqa: E402
 from dlpipe.export.quantize import QuantizationConfig, quantize  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
-from dlpipe.training.evaluate import evaluate_onnx  # noqa: E402
-from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
+from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
+from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
 RECIPE = dict(model="deep_convnet", dataset="mnist", epochs=20, batch_size=128, lr=1e-3, optimizer="adam",
               schedule="cosine", augment="affine", seed=0)
@@ -43,7 +43,7 @@ def main() -> None:
     if ckpt is None:
         result = train(TrainConfig(**{**RECIPE, "epochs": args.epochs}, out=str(out / "train"), data_dir=args.data_dir))
         ckpt = result["best"]
-        training = {k: result[k] for k in ("best_val_acc", "test_acc")} | {"epochs": len(result["history"])}
+        training = {k: result[k] for k in ("best_val_score", "test_acc")} | {"epochs": len(result["history"])}
     else:
         from dlpipe.training.checkpoint import load_checkpoint
 

@@ -29,8 +29,8 @@ from dlpipe.runtime import Engine  # noqa: E402
 from dlpipe.runtime.benchmark import measure_interleaved  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from dlpipe.training.evaluate import evaluate_onnx  # noqa: E402
-from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
+from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
+from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
 RECIPE = dict(model="fcn2s", fusion="conv", batch_size=32, lr=3e-3, optimizer="adam", schedule="onecycle",
               batch_norm=True, seed=0)

@@ -27,9 +27,9 @@ from dlpipe.runtime import load  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint  # noqa: E402
 from dlpipe.training.data import load_split  # noqa: E402
-from dlpipe.training.evaluate import evaluate_onnx  # noqa: E402
-from dlpipe.training.finetune import FinetuneConfig, main as finetune  # noqa: E402
-from dlpipe.training.train import TrainConfig, main as train  # noqa: E402
+from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
+from dlpipe.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
 # Same images, epochs, batch size, optimizer (Adam) and learning rate for both arms: only the starting
 # weights differ (and the fine-tuned arm spends its first epochs on the new head alone). Fewer images get

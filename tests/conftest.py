@@ -35,9 +35,9 @@ def _point_data_dir_env():
 
 
 def _train(out: Path, **overrides):
-    from dlpipe.training.train import TrainConfig, main
+    from dlpipe.training.train import TrainConfig, train
 
-    return main(TrainConfig(out=str(out), progress=False, **overrides))
+    return train(TrainConfig(out=str(out), progress=False, **overrides))
 
 
 def _export(checkpoint: str, folder: Path, name: str) -> str:

@@ -25,6 +25,7 @@ from dlpipe.training.train import TrainConfig
 SMALL = CaptionOptions(embed_dim=32, hidden=64, beam=3)
 
 
+# Seconds of training: every test that uses it is marked slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small captioner trained for 2 epochs on 400 shapes scenes (seconds), and its package."""
@@ -101,6 +102,7 @@ def test_a_few_training_steps_lower_the_loss():
     assert losses[-1] < 0.75 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_model_args_vocabulary_and_decoding(trained):
     ckpt = load_checkpoint(trained["ckpt"])
     assert ckpt["task"] == "captioning" and ckpt["model_args"]["vocab_size"] == len(ckpt["vocabulary"])
@@ -110,6 +112,7 @@ def test_checkpoint_holds_model_args_vocabulary_and_decoding(trained):
     assert history[-1]["train_loss"] < history[0]["train_loss"] and 0 <= trained["result"]["test_bleu"] <= 1
 
 
+@pytest.mark.slow
 def test_package_graphs_match_pytorch(trained, held_out):
     report = trained["report"]
     outputs = {p.output for p in report.parity}
@@ -135,6 +138,7 @@ def test_package_graphs_match_pytorch(trained, held_out):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_runtime_greedy_equals_pytorch_greedy(trained, held_out):
     model, v = model_and_vocabulary(load_checkpoint(trained["ckpt"]))
     captioner = load(trained["package"], device="cpu")
@@ -151,6 +155,7 @@ def test_runtime_greedy_equals_pytorch_greedy(trained, held_out):
     assert len(mixed) == 2 and all(isinstance(r.sentence, str) and r.score <= 0 for r in mixed)
 
 
+@pytest.mark.slow
 def test_beam_width_one_is_greedy(trained, held_out):
     model, v = model_and_vocabulary(load_checkpoint(trained["ckpt"]))
     x = normalize(torch.from_numpy(held_out[0][:24]).permute(0, 3, 1, 2))
@@ -187,9 +192,10 @@ def test_search_functions_on_a_known_distribution():
         beam_search(h, c, step, 1, 2, 5, beam=0)
 
 
+@pytest.mark.slow
 def test_variants_and_evaluation(trained):
     from dlpipe.export.quantize import QuantizationConfig, quantize
-    from dlpipe.training.evaluate import evaluate_onnx
+    from dlpipe.export.evaluate import evaluate_onnx
 
     pkg = trained["package"]
     fp16 = quantize(pkg / "manifest.json", pkg / "manifest.fp16.json", QuantizationConfig("fp16", min_agreement=0.5),
@@ -265,6 +271,7 @@ def one_line_error(result, fragment):
     assert len(lines) == 1 and lines[0].startswith("dlpipe: error: ") and fragment in lines[0], result.output
 
 
+@pytest.mark.slow
 def test_caption_app(trained, held_out, tmp_path):
     paths = []
     for i, (size, mode) in enumerate([((48, 48), "RGB"), ((300, 200), "L"), ((64, 96), "RGBA")]):
@@ -280,6 +287,7 @@ def test_caption_app(trained, held_out, tmp_path):
     assert "caption" in run("caption", trained["package"], paths[0]).stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs(trained, tmp_path):
     pkg = trained["package"]
     (tmp_path / "not.png").write_text("text")

@@ -21,17 +21,18 @@ from dlpipe.runtime.errors import InputError
 from dlpipe.training import data as datasets
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.detection import DetectionDataset, coco_metrics, model_args_for, train_one_epoch
-from dlpipe.training.evaluate import evaluate_onnx
+from dlpipe.export.evaluate import evaluate_onnx
 from dlpipe.training.registry import get_spec
 from dlpipe.training.shapes import ShapesWorld
-from dlpipe.training.train import TrainConfig, main
+from dlpipe.training.train import TrainConfig, train
 
 
+# Seconds of training: every test that uses it is marked slow.
 @pytest.fixture(scope="module")
 def detector(tmp_path_factory):
     """A detector trained briefly on shapes scenes, and its fp32 export."""
     out = tmp_path_factory.mktemp("rcnn")
-    result = main(TrainConfig(model="rcnn", dataset="shapes-boxes", epochs=3, limit=480, test_limit=64, lr=2e-3,
+    result = train(TrainConfig(model="rcnn", dataset="shapes-boxes", epochs=3, limit=480, test_limit=64, lr=2e-3,
                               schedule="onecycle", out=str(out), progress=False, seed=0))
     report = export_checkpoint(result["best"], out / "rcnn.onnx")
     return {"result": result, "checkpoint": Path(result["best"]), "onnx": out / "rcnn.onnx", "report": report}
@@ -118,6 +119,7 @@ def test_flip_augmentation_moves_boxes_with_the_image():
         pytest.fail("no image was flipped in 8 draws")
 
 
+@pytest.mark.slow
 def test_training_learns_and_reports_coco_map(detector):
     result = detector["result"]
     history = result["history"]
@@ -128,6 +130,7 @@ def test_training_learns_and_reports_coco_map(detector):
     assert ckpt["examples"].shape[1:] == (3, 64, 64)
 
 
+@pytest.mark.slow
 def test_detector_export_matches_pytorch_at_two_sizes(detector):
     parity = detector["report"].parity
     assert {p.output for p in parity} == {"boxes", "labels", "scores"}
@@ -146,6 +149,7 @@ def test_detector_export_matches_pytorch_at_two_sizes(detector):
     np.testing.assert_allclose(got[2], ref[2].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_runtime_detector_on_any_image(detector, tmp_path):
     det = load(detector["onnx"])
     assert isinstance(det, Detector)
@@ -165,6 +169,7 @@ def test_runtime_detector_on_any_image(detector, tmp_path):
         det.predict(images[0], threshold=1.5)
 
 
+@pytest.mark.slow
 def test_evaluate_and_quantized_variants_keep_map(detector, tmp_path):
     fp32 = evaluate_onnx(detector["onnx"], limit=32)
     assert fp32["images"] == 32 and 0 < fp32["map50"] <= 1
@@ -179,6 +184,7 @@ def test_evaluate_and_quantized_variants_keep_map(detector, tmp_path):
         assert abs(metrics["map50"] - fp32["map50"]) < 0.05
 
 
+@pytest.mark.slow
 def test_detect_app_writes_drawn_images_and_json(detector, tmp_path):
     images, _ = datasets.load_split("shapes-boxes", "test", limit=2)
     paths = [tmp_path / "a.png", tmp_path / "b.jpg"]
@@ -198,6 +204,7 @@ def test_detect_app_writes_drawn_images_and_json(detector, tmp_path):
         assert all(d["score"] >= 0.3 for d in saved["detections"])
 
 
+@pytest.mark.slow
 def test_detect_app_bad_inputs(detector, shapes_onnx, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")

@@ -21,6 +21,7 @@ from dlpipe.training.envs import UnknownEnvironmentError, environment_spec, make
 from dlpipe.training.registry import get_spec
 
 
+# Seconds of training: every test that uses it is marked slow.
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small CartPole agent (64-64 MLP, 4,000 steps), exported to ONNX."""
@@ -92,6 +93,7 @@ def test_td_target_plain_and_double_dqn():
     assert loss.item() == pytest.approx((1.5 + 0.0) / 2)
 
 
+@pytest.mark.slow
 def test_short_cartpole_run_beats_a_random_policy(trained):
     result = trained["result"]
     random_returns = run_episodes(lambda o: 0, "CartPole-v1", 10, seed=123, epsilon=1.0)
@@ -120,6 +122,7 @@ def test_runs_are_seeded(tmp_path):
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+@pytest.mark.slow
 def test_export_parity_and_policy_match_pytorch(trained):
     assert sorted(p.batch for p in trained["export"].parity) == [1, 16]
     policy = load(trained["onnx"])
@@ -140,6 +143,7 @@ def test_export_parity_and_policy_match_pytorch(trained):
         policy.predict(np.zeros((3, 5), np.float32))
 
 
+@pytest.mark.slow
 def test_quantized_policies_play_like_fp32(trained):
     fp32 = run_episodes(load(trained["onnx"]).act, "CartPole-v1", 3, seed=50)
     for precision in ("fp16", "int8"):  # the default gate: the same action wherever fp32 is not indifferent
@@ -154,6 +158,7 @@ def test_quantized_policies_play_like_fp32(trained):
             assert correction["node"] in report.kept_fp32 and len(correction["subtracted"]) == 2
 
 
+@pytest.mark.slow
 def test_play_through_the_cli(trained):
     res = CliRunner().invoke(cli, ["play", str(trained["onnx"]), "--env", "CartPole-v1", "--episodes", "2",
                                    "--seed", "7", "--max-steps", "120", "--json"])
@@ -167,6 +172,7 @@ def test_play_through_the_cli(trained):
     assert human.exit_code == 0 and "return" in human.stdout and "±" in human.stdout
 
 
+@pytest.mark.slow
 def test_play_records_a_gif(trained, tmp_path):
     pytest.importorskip("pygame", reason="CartPole draws with pygame (pip install 'dlpipe[render]')")
     from PIL import Image
@@ -181,6 +187,7 @@ def test_play_records_a_gif(trained, tmp_path):
     assert res.exit_code != 0 and "must name a .gif" in res.output
 
 
+@pytest.mark.slow
 def test_bad_environments_are_clear_errors(trained):
     runner = CliRunner()
     res = runner.invoke(cli, ["play", str(trained["onnx"]), "--env", "NoSuchGame-v9"])

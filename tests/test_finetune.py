@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dlpipe.apps.cli import cli
-from dlpipe.runtime.errors import DataNotFoundError, InputError
+from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
 from dlpipe.training import finetune as ft
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.registry import get_spec, list_models
@@ -236,6 +236,7 @@ def test_finetune_export_classify_chain(tmp_path, folder, shapes_checkpoint):
     assert json.loads(result.stdout)["agreement"] >= 0.9
 
 
+@pytest.mark.slow
 def test_torchvision_finetune_exports_and_classifies(tmp_path, folder, torch_home):
     _cache_resnet18()
     runner = CliRunner()
@@ -260,7 +261,7 @@ def test_torchvision_finetune_exports_and_classifies(tmp_path, folder, torch_hom
 
 def test_registered_dataset_few_shot_with_test_accuracy(tmp_path, data_dir, shapes_checkpoint):
     """Fashion-MNIST (grayscale 28x28) into the RGB 32x32 shapes backbone: 5 images per class."""
-    result = ft.main(ft.FinetuneConfig(source=shapes_checkpoint, data="fashion-mnist", per_class=5, data_dir=data_dir,
+    result = ft.finetune(ft.FinetuneConfig(source=shapes_checkpoint, data="fashion-mnist", per_class=5, data_dir=data_dir,
                                        out=str(tmp_path / "fm"), head_epochs=1, epochs=1, test_limit=200,
                                        threads=1, progress=False))
     assert result["images"] == {"train": 40, "val": 10, "test": 200}
@@ -268,3 +269,26 @@ def test_registered_dataset_few_shot_with_test_accuracy(tmp_path, data_dir, shap
     assert {"val_acc", "test_acc"} <= set(result["head_only"]) and "test_acc" in result["after"]
     ckpt = load_checkpoint(result["best"])
     assert ckpt["dataset"]["name"] == "fashion-mnist" and ckpt["metrics"]["test_acc"] == result["after"]["test_acc"]
+
+
+def test_finetune_runs_on_the_shared_loop_with_resume_and_early_stopping(tmp_path, folder, shapes_checkpoint,
+                                                                        monkeypatch):
+    """Fine-tuning uses the one fit(): best.pt/last.pt/metrics.jsonl per epoch, --resume continues the stage
+    where last.pt stopped, and --patience ends a stage that stopped improving."""
+    base = dict(source=shapes_checkpoint, data=str(folder), head_epochs=1, batch_size=16, threads=1,
+                progress=False, lr=1e-3, head_lr=1e-3)
+    first = ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "a"), epochs=1, **base))
+    last = load_checkpoint(first["last"])
+    assert last["epoch"] == 2 and last["stage"] == "finetune" and "optimizer" in last
+    resumed = ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "a"), epochs=3, resume=first["last"], **base))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
+    assert [r["stage"] for r in resumed["history"]] == ["head", "finetune", "finetune", "finetune"]
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and json.loads(lines[-1])["epoch"] == 4  # appended, not restarted
+    with pytest.raises(ModelFileError, match="cannot resume"):  # best.pt holds no training state
+        ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "b"), epochs=1, resume=first["best"], **base))
+    # validation that never improves after the first epoch: each stage stops after `patience` epochs
+    monkeypatch.setattr(ft, "score", lambda *args, **kwargs: {"loss": 1.0, "acc": 0.5, "per_class": {}})
+    stopped = ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "c"), patience=1, **{**base, "head_epochs": 5,
+                                                                                     "epochs": 5}))
+    assert [(r["epoch"], r["stage"]) for r in stopped["history"]] == [(1, "head"), (2, "head"), (6, "finetune")]

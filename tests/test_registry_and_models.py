@@ -9,9 +9,31 @@ from dlpipe.training.registry import ModelSpec, get_spec, list_models, register_
 CLASSIFIERS = ["deep_convnet", "dmlp", "lenet5", "resnet_small"]
 
 
+# Models every release ships, by task (the registry may hold more).
+EXPECTED = {"classification": set(CLASSIFIERS) | {"torchvision"}, "segmentation": {"fcn8s", "fcn2s"},
+            "detection": {"rcnn"}, "captioning": {"captioner"}, "control": {"dqn-cartpole", "dqn-atari"}}
+
+
 def test_registry_lists_the_classifiers():
+    names = list_models()
+    assert len(names) == len(set(names)), names
     assert set(CLASSIFIERS) <= set(list_models("classification"))
-    assert list_models() == sorted(list_models())
+    for name in names:  # every listed name resolves to the spec registered under that name
+        assert get_spec(name).name == name
+
+
+def test_list_models_by_task_partitions_the_registry():
+    names = list_models()
+    tasks = {get_spec(n).task for n in names}
+    assert set(EXPECTED) <= tasks, tasks
+    by_task = {task: list_models(task=task) for task in tasks}
+    for task, members in by_task.items():
+        assert members and all(get_spec(n).task == task for n in members), (task, members)
+        assert EXPECTED.get(task, set()) <= set(members), (task, members)
+    # every model in exactly one task: the parts are disjoint and their union is the whole registry
+    assert sum(len(m) for m in by_task.values()) == len(names)
+    assert set().union(*by_task.values()) == set(names)
+    assert list_models(task="no-such-task") == []
 
 
 def test_unknown_model_is_a_clear_error():

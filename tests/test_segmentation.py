@@ -15,7 +15,7 @@ from dlpipe.runtime.errors import InputError
 from dlpipe.training import data as datasets
 from dlpipe.training.models.fcn import _upsample
 from dlpipe.training.registry import get_spec, list_models
-from dlpipe.training.train import TrainConfig, build_optimizer, init_weights, main, train_one_epoch
+from dlpipe.training.train import TrainConfig, build_optimizer, init_weights, train, train_one_epoch
 
 
 @pytest.mark.parametrize("name", list_models("segmentation"))
@@ -86,7 +86,7 @@ def test_a_few_steps_lower_the_segmentation_loss():
 
 def test_model_and_dataset_tasks_must_match():
     with pytest.raises(InputError, match="is a classification model but dataset 'shapes-scenes'"):
-        main(TrainConfig(model="lenet5", dataset="shapes-scenes"))
+        train(TrainConfig(model="lenet5", dataset="shapes-scenes"))
 
 
 @pytest.mark.parametrize("augment", ["flip", "affine"])
@@ -94,7 +94,7 @@ def test_augmentation_moves_the_mask_with_its_image(augment):
     info = datasets.get_dataset("shapes-scenes")
     images, masks = datasets.load_split("shapes-scenes", "train", limit=16)
     ds = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(masks), info,
-                                     datasets.augmentation(augment, info.image_size))
+                                     datasets.augmentation(augment, info.image_size), masks=True)
     torch.manual_seed(1)
     x, y = ds.__getitems__(list(range(16)))
     assert x.shape == (16, 3, 64, 64) and y.shape == (16, 64, 64) and y.dtype == torch.int64

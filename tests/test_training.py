@@ -10,7 +10,7 @@ from dlpipe.runtime.errors import DataNotFoundError, InputError
 from dlpipe.training import data as datasets
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.registry import get_spec
-from dlpipe.training.train import OPTIMIZERS, TrainConfig, build_optimizer, init_weights, main, train_one_epoch
+from dlpipe.training.train import OPTIMIZERS, TrainConfig, build_optimizer, init_weights, train, train_one_epoch
 
 
 def _batches(data_dir, n=512, batch=32):
@@ -52,9 +52,9 @@ def test_every_optimizer_takes_a_step(name):
 
 def test_unknown_optimizer_and_schedule_are_clear_errors():
     with pytest.raises(InputError, match="unknown optimizer 'adamax'"):
-        main(TrainConfig(model="dmlp", dataset="shapes", optimizer="adamax"))
+        train(TrainConfig(model="dmlp", dataset="shapes", optimizer="adamax"))
     with pytest.raises(InputError, match="unknown schedule"):
-        main(TrainConfig(model="dmlp", dataset="shapes", schedule="warm"))
+        train(TrainConfig(model="dmlp", dataset="shapes", schedule="warm"))
 
 
 @pytest.mark.parametrize("scheme,gain", [("he", 2.0), ("xavier", None), ("lecun", 1.0)])
@@ -72,7 +72,7 @@ def _tiny(tmp_path, name="run", **kw):
     cfg = dict(model="dmlp", dataset="shapes", out=str(tmp_path / name), epochs=2, limit=400, test_limit=100,
                batch_size=64, progress=False, seed=7)
     cfg.update(kw)
-    return main(TrainConfig(**cfg))
+    return train(TrainConfig(**cfg))
 
 
 def test_same_seed_same_weights_and_resume_continues_exactly(tmp_path):
