@@ -354,7 +354,7 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
         model = _record(tmp, config, kept, model_path.name,
                         {"source": calibration or fp32.info.raw.get("dataset"), "images": len(calib)}
                         if calib is not None else None)
-        agreement, max_abs = policy.agreement(load(model_path, device="cpu"), load(tmp, device="cpu"), checks)
+        agreement, max_abs = policy.agreement(fp32, load(tmp, device="cpu"), checks)
         _gate(agreement, config, task, len(checks))
     return QuantizeReport(path=str(out), precision=config.precision,
                           method=config.method if config.precision == "int8" else None, agreement=agreement,
@@ -363,10 +363,10 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
                           op_counts=_op_counts(model), kept_fp32=kept, seconds=time.perf_counter() - start)
 
 
-def _fp32_model(model_path: Path) -> Engine:
-    fp32 = Engine(model_path, device="cpu")
-    if fp32.info is None:
-        raise ModelFileError(f"'{model_path}' has no dlpipe metadata; export it with 'dlpipe export' first")
+def _fp32_model(model_path: Path):
+    """The fp32 model's predictor (the one agreement is measured against); a file without dlpipe metadata
+    is refused by :func:`load`, a variant here."""
+    fp32 = load(model_path, device="cpu")
     if fp32.info.precision != "fp32":
         raise ModelFileError(f"'{model_path}' is already a {fp32.info.precision} model; quantize the fp32 export")
     return fp32

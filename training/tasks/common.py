@@ -15,7 +15,7 @@ from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.training import data as datasets
 from dlpipe.training.loop import Metric, TrainConfig
-from dlpipe.training.registry import ModelSpec
+from dlpipe.training.registry import ModelSpec, get_spec
 from dlpipe.training.tasks.base import Graph
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -83,8 +83,6 @@ def batch_inputs(examples: torch.Tensor, dynamic_batch: bool, dynamic_size: bool
 def single_graph(ckpt: dict[str, Any], model: torch.nn.Module, dynamic_batch: bool) -> list[Graph]:
     """One graph of the whole model, exported on real examples and checked at two batch sizes (and at
     another resolution when height and width are dynamic)."""
-    from dlpipe.training.registry import get_spec
-
     contract = get_spec(ckpt["model"]).contract
     example, checks = batch_inputs(ckpt["examples"], dynamic_batch, contract.dynamic_size, contract.size_multiple)
     return [Graph(None, model, contract, example, checks)]
