@@ -5,24 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dlpipe.apps.images import failure_row, open_images, predict_readable
 from dlpipe.runtime import load
-from dlpipe.runtime.errors import InputError
-from dlpipe.runtime.images import open_image
+from dlpipe.runtime.errors import UsageError
+from dlpipe.runtime.images import Failure
 
 
-def caption_images(model: str | Path, images: list[str], beam: int | None = None,
-                   device: str = "auto") -> list[dict[str, Any]]:
-    """Caption each image file (every file is read and checked before any decoding).
+def caption_images(model: str | Path, images: list[str], beam: int | None = None, device: str = "auto",
+                   fail_fast: bool = False, max_pixels: int | None = None) -> list[dict[str, Any]]:
+    """Caption each image file; an unreadable one gets a row with its ``error`` (``fail_fast``: raise).
 
     Returns:
         Per image: the file, the caption, its length-normalised log-probability (``score``), the raw
-        log-probability and the beam width used.
+        log-probability and the beam width used; or the file and its ``error``.
     """
     captioner = load(model, device=device)
     if getattr(captioner, "task", None) != "captioning":
-        raise InputError(f"'{model}' is a {captioner.info.task} model, not a captioner package")
-    pictures = [open_image(p) for p in images]
+        raise UsageError(f"'{model}' is a {captioner.info.task} model, not a captioner package")
     width = int(captioner.decoding.get("beam", 1) if beam is None else beam)
-    results = captioner.predict(pictures, beam=width)
-    return [{"image": str(path), "caption": r.sentence, "score": r.score, "log_prob": r.log_prob, "beam": width}
+    pictures = open_images(images, fail_fast, max_pixels)
+    results = predict_readable(lambda imgs, errors: captioner.predict(imgs, beam=width, errors=errors),
+                               pictures, fail_fast)
+    return [failure_row(r, path) if isinstance(r, Failure) else
+            {"image": str(path), "caption": r.sentence, "score": r.score, "log_prob": r.log_prob, "beam": width}
             for path, r in zip(images, results)]

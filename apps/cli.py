@@ -11,7 +11,7 @@ import click
 
 from dlpipe.apps.output import emit, table
 from dlpipe.runtime.errors import DlpipeError
-from dlpipe.runtime.formats import PRECISIONS, QUANTIZED, variant_path
+from dlpipe.runtime.formats import PRECISIONS, QUANTIZED
 
 
 class CommandError(click.ClickException):
@@ -57,8 +57,30 @@ def _floats(text: str | None) -> list[float] | None:
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                       help="Execution provider: CUDA only when it really runs (auto), or insist on one.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+FAIL_FAST = click.option("--fail-fast", is_flag=True,
+                         help="Stop at the first unusable image (default: report each one, process the rest, "
+                              "exit 1 at the end).")
+MAX_PIXELS = click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+                          help="Refuse images of more pixels than this (default: Pillow's limit, 89,478,485): "
+                               "a guard against decompression bombs.")
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace output files that already exist.")
 DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=None,
                         help="Data root (default: $DLPIPE_DATA_DIR, else ~/.cache/dlpipe/data).")
+
+
+def _finish(rows: list[dict], as_json: bool, human) -> None:
+    """Print the results (``human(good_rows)`` or all rows as JSON), then one line per failed image on
+    stderr; exit 1 when any failed."""
+    good = [r for r in rows if "error" not in r]
+    failed = [r for r in rows if "error" in r]
+    if good or as_json:
+        emit(rows, as_json, human(good))
+    for r in failed:
+        click.echo(f"dlpipe: error: {r['error']}", err=True)
+    if failed:
+        if len(rows) > 1:
+            click.echo(f"dlpipe: {len(failed)} of {len(rows)} images failed", err=True)
+        raise click.exceptions.Exit(1)
 
 
 @click.group(cls=DlpipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,8 +120,8 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
 @click.option("--dataset", default=None,
               help="mnist, fashion-mnist, shapes, shapes-scenes, mnist-scenes, shapes-boxes, mnist-boxes, "
                    "voc-seg:ROOT, voc-det:ROOT, coco:ROOT... (default: the model's).")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None, help="(Peak) learning rate.")
 @click.option("--optimizer", default=None,
               help="sgd, momentum, nesterov, adagrad, rmsprop, adadelta, adam, adamw or radam.")
@@ -110,20 +132,25 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE", callback=_model_args,
               help="A keyword argument for the model's builder, VALUE as JSON (e.g. widths=[32,64,96,128,192]); "
                    "repeatable.")
-@click.option("--schedule", default="none", show_default=True, help="none, step, cosine or onecycle.")
-@click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
+@click.option("--schedule", default=None, help="none, step, cosine or onecycle (default: the recipe's).")
+@click.option("--augment", default=None, help="none, shift, affine, crop or flip (default: the recipe's).")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Classifiers: cross-entropy label smoothing (default: the recipe's).")
+@click.option("--recipe", default="default", show_default=True,
+              help="The model's named recipe for every option not given: default (what its benchmark measured), "
+                   "quick (a smoke run), or one of the model's own (deep_convnet: long).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
-@click.option("--patience", type=int, default=0, show_default=True, help="Early stopping patience (0: off).")
-@click.option("--limit", type=int, default=None, help="Train on the first N images only.")
-@click.option("--test-limit", type=int, default=None, help="Score the test split's first N images only.")
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True, help="Early stopping patience (0: off).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Score the test split's first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
 @click.option("--download", is_flag=True, help="Let torchvision download a missing dataset.")
 @click.option("--env", default=None, help="DQN models: gymnasium environment id (CartPole-v1, ALE/Pong-v5...).")
-@click.option("--total-steps", type=int, default=None, help="DQN models: environment steps.")
-@click.option("--buffer-size", type=int, default=None, help="DQN models: replay buffer capacity.")
+@click.option("--total-steps", type=click.IntRange(min=1), default=None, help="DQN models: environment steps.")
+@click.option("--buffer-size", type=click.IntRange(min=1), default=None, help="DQN models: replay buffer capacity.")
 @click.option("--double-dqn", is_flag=True, default=None, help="DQN models: Double DQN targets.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @DATA_DIR
@@ -142,49 +169,36 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
                    "read from the local torch cache, never downloaded; or torchvision:ARCH:FILE.pth).")
 @click.option("--data", required=True, help="An image folder (one sub-folder per class) or a registered dataset.")
 @click.option("--out", default="runs/finetune", show_default=True, type=click.Path(file_okay=False))
-@click.option("--per-class", type=int, default=None, help="At most N labelled images per class (few-shot).")
+@click.option("--per-class", type=click.IntRange(min=2), default=None, help="At most N labelled images per class (few-shot).")
 @click.option("--freeze", default="none", show_default=True,
               help="backbone (head only), none, or N (the first N backbone layers).")
-@click.option("--head-epochs", type=int, default=2, show_default=True, help="Epochs training the new head alone.")
-@click.option("--epochs", type=int, default=5, show_default=True, help="Epochs after that, frozen as --freeze says.")
+@click.option("--head-epochs", type=click.IntRange(min=0), default=2, show_default=True, help="Epochs training the new head alone.")
+@click.option("--epochs", type=click.IntRange(min=0), default=5, show_default=True, help="Epochs after that, frozen as --freeze says.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="Backbone learning rate.")
 @click.option("--head-lr", type=float, default=1e-3, show_default=True, help="Head learning rate.")
 @click.option("--optimizer", default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", default="cosine", show_default=True, help="none, step or cosine (per stage).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
-@click.option("--image-size", type=int, default=None, help="Input size for torchvision sources (default: 224).")
+@click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input size for torchvision sources (default: 224).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Held out from each class.")
-@click.option("--test-limit", type=int, default=None, help="Registered datasets: first N test images only.")
+@click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Registered datasets: first N test images only.")
 @click.option("--scratch", is_flag=True, help="Baseline: the same network, images and budget from random weights.")
-@click.option("--patience", type=int, default=0, show_default=True,
+@click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True,
               help="End a stage after N epochs without validation improvement (0: off).")
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @DATA_DIR
 @JSON
 def finetune_cmd(as_json, no_progress, **opts) -> None:
     """Fine-tune a pretrained classifier on your images; writes a checkpoint 'dlpipe export' takes."""
-    from dlpipe.training.finetune import FinetuneConfig, finetune
+    from dlpipe.training.finetune import FinetuneConfig, describe, finetune
 
     r = finetune(FinetuneConfig(progress=not no_progress, **opts))
-    split = r["per_class_split"]
-    before = r["head_only"] or {}
-    rows = [[f"{split} accuracy", f"{100 * before[f'{split}_acc']:.2f}%" if before else None,
-             f"{100 * r['after'][f'{split}_acc']:.2f}%"]]
-    human = (f"{r['source']} -> {len(r['labels'])} classes of {r['dataset']} ({r['images']['train']} training, "
-             f"{r['images']['val']} validation images; head '{r['head']}', {r['frozen_layers']} of "
-             f"{r['backbone_layers']} backbone layers frozen)\n"
-             + table(rows, ["", "head only", "fine-tuned"]) + f"\n\nper-class {split} accuracy:\n"
-             + table([[k, f"{100 * v:.1f}%" if v is not None else None] for k, v in r["per_class_accuracy"].items()],
-                     ["class", "accuracy"])
-             + f"\n\ncheckpoint: {r['best']}\nnext: {r['export_command']}")
-    if Path(r["dataset"]).is_dir():  # quantize and evaluate default to the model's dataset: this folder
-        human += "\nthen: dlpipe quantize MODEL.onnx --to int8; dlpipe evaluate MODEL.onnx --dataset HELD_OUT_FOLDER"
-    emit(r, as_json, human)
+    emit(r, as_json, describe(r))
 
 
 @cli.command("export")
@@ -195,7 +209,8 @@ def finetune_cmd(as_json, no_progress, **opts) -> None:
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default=None,
               help="torch.onnx exporter (default: the model's contract).")
 @click.option("--builder", default=None, help="Your own model: package.module:function returning an nn.Module.")
-@click.option("--weights", type=click.Path(dir_okay=False), default=None, help="State dict for --builder.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="State dict for --builder or a torchvision:ARCH source.")
 @click.option("--input-shape", default=None, help="C,H,W of one input, for --builder.")
 @click.option("--labels", default=None, help="Class names, comma-separated or @file (one per line), for --builder.")
 @click.option("--mean", default=None, help="Per-channel mean (0-1 scale), for --builder.")
@@ -203,17 +218,21 @@ def finetune_cmd(as_json, no_progress, **opts) -> None:
 @JSON
 def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights, input_shape, labels, mean, std,
                as_json) -> None:
-    """Export a training CHECKPOINT (or your own --builder module) to ONNX, with parity checks."""
-    from dlpipe.export.onnx_export import export_checkpoint, export_user_module
+    """Export a training CHECKPOINT, a torchvision classifier (torchvision:ARCH[:WEIGHTS], or --weights FILE.pth;
+    categories and preprocessing from the weights' metadata) or your own --builder module to ONNX, with parity
+    checks."""
+    from dlpipe.export.onnx_export import export_checkpoint, export_torchvision, export_user_module, read_labels
 
     if (checkpoint is None) == (builder is None):
         raise click.UsageError("give either a CHECKPOINT or --builder (with --input-shape and --labels)")
     if builder:
         if not input_shape or not labels:
             raise click.UsageError("--builder needs --input-shape C,H,W and --labels")
-        names = (Path(labels[1:]).read_text().split() if labels.startswith("@") else labels.split(","))
-        report = export_user_module(builder, out, input_shape=_ints(input_shape), labels=names, weights=weights,
-                                    mean=_floats(mean), std=_floats(std), opset=opset, dynamic_batch=dynamic_batch,
+        report = export_user_module(builder, out, input_shape=_ints(input_shape), labels=read_labels(labels),
+                                    weights=weights, mean=_floats(mean), std=_floats(std), opset=opset,
+                                    dynamic_batch=dynamic_batch, exporter=exporter or "dynamo")
+    elif checkpoint.startswith("torchvision:"):
+        report = export_torchvision(checkpoint, out, weights=weights, opset=opset, dynamic_batch=dynamic_batch,
                                     exporter=exporter or "dynamo")
     else:
         report = export_checkpoint(checkpoint, out, opset=opset, dynamic_batch=dynamic_batch, exporter=exporter)
@@ -224,53 +243,72 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
 
 
 @cli.command("quantize")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--to", "precision", type=click.Choice(list(QUANTIZED)), required=True,
               help="; ".join(f"{p}: {PRECISIONS[p].description}" for p in QUANTIZED))
 @click.option("--method", type=click.Choice(["static", "dynamic"]), default="static", show_default=True,
-              help="int8: static QDQ (calibrated) or dynamic.")
+              help="int8: static (calibrated) or dynamic.")
+@click.option("--format", "int8_format", type=click.Choice(["auto", "qdq-u8s8", "qop-u8s8", "qdq-s8s8"]), default="auto",
+              show_default=True, help="int8 static: QDQ or QOperator, uint8 or int8 activations (int8 weights). auto "
+              "builds each, reads which convolutions onnxruntime fuses into integer kernels on this CPU, times them "
+              "at batch 1 and --batch and keeps the fastest that passes --min-agreement.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+              help="int8 auto: the typical batch size the formats are timed at (besides 1).")
 @click.option("--calibration", default=None,
               help="Calibration data: dataset name, image folder or .npy (default: the model's dataset).")
-@click.option("--calibration-size", type=int, default=256, show_default=True)
+@click.option("--calibration-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True)
+              show_default=True, help="Default by measurement (bench/int8_real.py, 512 held-out images, MobileNetV2 / "
+              "deep_convnet / resnet_small): percentile within noise of minmax (+1.4 / 0.0 / +0.2 points top-1 "
+              "agreement) and up to 1.6x slower to calibrate; entropy worst (-1.2 / -10 / -7 points) and slowest.")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
 @click.option("--keep-fp32", multiple=True, help="Operator type to keep in float32 (repeatable).")
 @click.option("--min-agreement", type=float, default=0.98, show_default=True,
               help="Fail when top-1 agreement with fp32 is lower.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: MODEL.<precision>.onnx")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Default: MODEL.<precision>.onnx, or manifest.<precision>.json in a package folder.")
 @DATA_DIR
 @JSON
-def quantize_cmd(model, precision, method, calibration, calibration_size, calibration_method, per_channel, keep_fp32,
-                 min_agreement, out, data_dir, as_json) -> None:
-    """Quantize a dlpipe fp32 ONNX MODEL to fp16 or int8 and check it against fp32."""
+def quantize_cmd(model, precision, method, int8_format, batch, calibration, calibration_size, calibration_method,
+                 per_channel, keep_fp32, min_agreement, out, data_dir, as_json) -> None:
+    """Quantize a dlpipe fp32 MODEL (ONNX file, package folder or manifest) to fp16 or int8; check it against fp32."""
     from dlpipe.export.quantize import QuantizationConfig, quantize
 
-    config = QuantizationConfig(precision=precision, method=method, per_channel=per_channel,
-                                calibration_method=calibration_method, calibration_size=calibration_size,
-                                keep_fp32=tuple(keep_fp32), min_agreement=min_agreement)
-    report = quantize(model, out or variant_path(model, precision), config, calibration=calibration,
-                      data_dir=data_dir)
+    config = QuantizationConfig(precision=precision, method=method, format=int8_format, batch=batch,
+                                per_channel=per_channel, calibration_method=calibration_method,
+                                calibration_size=calibration_size, keep_fp32=tuple(keep_fp32),
+                                min_agreement=min_agreement)
+    report = quantize(model, out, config, calibration=calibration, data_dir=data_dir)
     ops = ", ".join(f"{k} {v}" for k, v in report.op_counts.items())
-    human = (f"wrote {report.path} ({report.precision}{' ' + report.method if report.method else ''}, "
+    human = (f"wrote {report.path} ({report.precision}{' ' + report.method if report.method else ''}"
+             f"{' ' + report.format if report.format else ''}, "
              f"{report.size_bytes / 1024:.0f} KiB vs {report.fp32_size_bytes / 1024:.0f} KiB fp32)\n"
-             f"top-1 agreement with fp32: {report.agreement:.2%} on {report.check_images} images "
-             f"(max |diff| {report.max_abs_diff:.3g})\noperators: {ops}\n"
+             f"{report.agreement_name} with fp32: {report.agreement:.2%} on {report.check_images} images "
+             f"(max |diff| {report.max_abs_diff:.3g})\n{report.conv_summary}\noperators: {ops}\n"
              f"kept in fp32: {', '.join(report.kept_fp32) or 'none'}")
+    measured = [c for c in report.candidates if c.get("p50_ms") or c.get("error") or c.get("same_kernels_as")]
+    if measured:
+        rows = [[c["name"], c.get("integer_convs", ""), c.get("float_convs", ""),
+                 "" if c.get("agreement") is None else f"{c['agreement']:.2%}",
+                 ", ".join(f"b{b} {v:.3g}" for b, v in c.get("p50_ms", {}).items())
+                 or c.get("error") or f"same kernels as {c.get('same_kernels_as')}"] for c in measured]
+        human += (f"\nint8 candidates (format chosen: {report.format}):\n"
+                  + table(rows, ["candidate", "int convs", "float convs", "agreement", "p50 ms"])
+                  + f"\nwhy: {report.format_reason}")
     emit(report.as_dict(), as_json, human)
 
 
 @cli.command("evaluate")
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("--dataset", default=None, help="Default: the dataset in the model's metadata.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--limit", type=int, default=None, help="First N images only.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images only.")
 @click.option("--confusion", is_flag=True, help="Print the confusion matrix.")
 @DEVICE
 @DATA_DIR
 @JSON
 def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_json) -> None:
-    """Accuracy of each ONNX model (any precision) through the runtime."""
+    """Task metrics of each MODEL (ONNX file, package folder or manifest; any precision) through the runtime."""
     from dlpipe.export.evaluate import evaluate_onnx
     from dlpipe.training.tasks import get_task
 
@@ -288,94 +326,113 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
 
 
 @cli.command("bench")
-@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path())  # ONNX files, package folders or manifests
 @click.option("--vs-torch", "checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Also time PyTorch eager from this checkpoint.")
 @click.option("--batch", "batches", default="1,64", show_default=True, help="Batch sizes, comma-separated.")
-@click.option("--iters", type=int, default=100, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--threads", type=int, default=None, help="Threads for onnxruntime and torch alike.")
+@click.option("--iters", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for onnxruntime and torch alike.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
 @JSON
 def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, as_json) -> None:
     """Latency (p50/p90/p99) and throughput of ONNX MODELS, beside PyTorch eager."""
-    import json
-
     from dlpipe.export.evaluate import benchmark
+    from dlpipe.runtime.benchmark import SPREAD_FOOTNOTE, marked
+    from dlpipe.runtime.files import write_json
 
     stats = benchmark(models, _ints(batches), checkpoint, warmup, iters, threads, device)
     data = [s.as_dict() for s in stats]
     if out:
-        Path(out).write_text(json.dumps(data, indent=2))
-    rows = [[s.name, s.batch, s.p50_ms, s.p90_ms, s.p99_ms, f"{s.throughput:.0f}"] for s in stats]
-    emit(data, as_json, table(rows, ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"]))
+        write_json(out, data)
+    rows = [[s.name, s.batch, marked(s.p50_ms, s.spread_too_wide), s.p90_ms, s.p99_ms,
+             marked(s.throughput, s.spread_too_wide, digits=0)] for s in stats]
+    human = table(rows, ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"])
+    emit(data, as_json, human + (f"\n{SPREAD_FOOTNOTE}" if any(s.spread_too_wide for s in stats) else ""))
 
 
 @cli.command("classify")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, required=True)
-@click.option("--top-k", type=int, default=3, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+@FAIL_FAST
+@MAX_PIXELS
 @DEVICE
 @JSON
-def classify_cmd(model, images, top_k, device, as_json) -> None:
+def classify_cmd(model, images, top_k, fail_fast, max_pixels, device, as_json) -> None:
     """Top-k labels for IMAGES (PNG/JPEG, any size, colour or grayscale)."""
-    from dlpipe.runtime import Classifier, load
+    from dlpipe.apps.classify import classify_images
 
-    predictor = load(model, device=device)
-    if not isinstance(predictor, Classifier):
-        raise click.UsageError(f"'{model}' is a {predictor.info.task} model, not a classifier")
-    results = predictor.predict(list(images), top_k=top_k)
-    data = [{"image": img, "label": r.label, "score": r.score, "top_k": [{"label": l, "score": s} for l, s in r.top_k]}
-            for img, r in zip(images, results)]
-    rows = [[img, r.label, f"{r.score:.3f}", ", ".join(f"{l} {s:.3f}" for l, s in r.top_k[1:])]
-            for img, r in zip(images, results)]
-    emit(data, as_json, table(rows, ["image", "label", "prob", "next best"]))
+    rows = classify_images(model, list(images), top_k=top_k, device=device, fail_fast=fail_fast,
+                           max_pixels=max_pixels)
+    def human(good: list[dict]) -> str:
+        return table([[r["image"], r["label"], f"{r['score']:.3f}",
+                       ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"][1:])] for r in good],
+                     ["image", "label", "prob", "next best"])
+
+    _finish(rows, as_json, human)
 
 
 @cli.command("segment")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the PNG outputs.")
+@OVERWRITE
+@FAIL_FAST
+@MAX_PIXELS
 @DEVICE
 @JSON
-def segment_cmd(model, images, out, device, as_json) -> None:
-    """Segment IMAGES: write IMAGE_overlay.png and IMAGE_mask.png (class ids) to --out."""
+def segment_cmd(model, images, out, overwrite, fail_fast, max_pixels, device, as_json) -> None:
+    """Segment IMAGES: write NAME_overlay.png and NAME_mask.png (class ids) to --out."""
     from dlpipe.apps.segment import segment_images
 
-    results = segment_images(model, list(images), out, device=device)
-    labels = list(results[0]["shares"]) if results else []
-    rows = [[Path(r["image"]).name, *(f"{100 * r['shares'][lbl]:.1f}%" for lbl in labels)] for r in results]
-    emit(results, as_json, table(rows, ["image", *labels]) + f"\n\nwrote overlays and masks to {out}")
+    rows = segment_images(model, list(images), out, device=device, overwrite=overwrite, fail_fast=fail_fast,
+                          max_pixels=max_pixels)
+
+    def human(good: list[dict]) -> str:
+        labels = list(good[0]["shares"]) if good else []
+        body = [[r["image"], *(f"{100 * r['shares'][lbl]:.1f}%" for lbl in labels)] for r in good]
+        return table(body, ["image", *labels]) + f"\n\nwrote overlays and masks to {out}"
+
+    _finish(rows, as_json, human)
 
 
 @cli.command("detect")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the outputs.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Smallest score reported.")
+@OVERWRITE
+@FAIL_FAST
+@MAX_PIXELS
 @DEVICE
 @JSON
-def detect_cmd(model, images, out, threshold, device, as_json) -> None:
-    """Detect objects in IMAGES: write IMAGE_boxes.png (boxes drawn) and IMAGE_boxes.json to --out."""
+def detect_cmd(model, images, out, threshold, overwrite, fail_fast, max_pixels, device, as_json) -> None:
+    """Detect objects in IMAGES: write NAME_boxes.png (boxes drawn) and NAME_boxes.json to --out."""
     from dlpipe.apps.detect import detect_images
 
-    results = detect_images(model, list(images), out, threshold=threshold, device=device)
-    rows = [[Path(r["image"]).name, d["label"], f"{d['score']:.2f}", ", ".join(f"{v:.0f}" for v in d["box"])]
-            for r in results for d in r["detections"]]
-    counts = ", ".join(f"{Path(r['image']).name}: {len(r['detections'])}" for r in results)
-    emit(results, as_json, table(rows, ["image", "label", "score", "box (x0, y0, x1, y1)"])
-         + f"\n\ndetections per image: {counts}\nwrote drawn images and JSON to {out}")
+    rows = detect_images(model, list(images), out, threshold=threshold, device=device, overwrite=overwrite,
+                         fail_fast=fail_fast, max_pixels=max_pixels)
+
+    def human(good: list[dict]) -> str:
+        body = [[r["image"], d["label"], f"{d['score']:.2f}", ", ".join(f"{v:.0f}" for v in d["box"])]
+                for r in good for d in r["detections"]]
+        counts = ", ".join(f"{Path(r['image']).name}: {len(r['detections'])}" for r in good)
+        return (table(body, ["image", "label", "score", "box (x0, y0, x1, y1)"])
+                + f"\n\ndetections per image: {counts}\nwrote drawn images and JSON to {out}")
+
+    _finish(rows, as_json, human)
 
 
 @cli.command("play")
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())  # any model file; not a policy is a one-line usage error
 @click.option("--env", "env_id", default=None, help="Gymnasium environment id (default: the one in the model).")
-@click.option("--episodes", type=int, default=10, show_default=True)
+@click.option("--episodes", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Episode i is reset with seed + i.")
 @click.option("--epsilon", type=float, default=0.0, show_default=True, help="Share of random actions.")
-@click.option("--max-steps", type=int, default=None, help="Cap on an episode's length.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Cap on an episode's length.")
 @click.option("--record", type=click.Path(dir_okay=False), default=None, help="Write the first episode as a GIF.")
 @DEVICE
 @JSON
@@ -385,7 +442,8 @@ def play_cmd(model, env_id, episodes, seed, epsilon, max_steps, record, device, 
 
     r = play(model, env_id, episodes=episodes, seed=seed, epsilon=epsilon, max_steps=max_steps, record=record,
              device=device)
-    human = (f"{r['env']}, {r['precision']} policy, {r['episodes']} episodes: return {r['mean_return']:.1f} ± "
+    played = f"{r['episodes']} episode{'s' if r['episodes'] != 1 else ''}"
+    human = (f"{r['env']}, {r['precision']} policy, {played}: return {r['mean_return']:.1f} ± "
              f"{r['std_return']:.1f} (min {r['min_return']:.0f}, max {r['max_return']:.0f}), "
              f"{r['policy_ms_per_step']:.3f} ms per action" + (f"\nrecorded the first episode to {record}" if record else ""))
     emit(r, as_json, human)
@@ -396,15 +454,17 @@ def play_cmd(model, env_id, episodes, seed, epsilon, max_steps, record, device, 
 @click.argument("images", nargs=-1, required=True)
 @click.option("--beam", type=click.IntRange(min=1), default=None,
               help="Beam width (1: greedy). Default: the package's.")
+@FAIL_FAST
+@MAX_PIXELS
 @DEVICE
 @JSON
-def caption_cmd(model, images, beam, device, as_json) -> None:
+def caption_cmd(model, images, beam, fail_fast, max_pixels, device, as_json) -> None:
     """One caption per IMAGE (PNG/JPEG, any size or mode) from a captioner package (folder or manifest)."""
     from dlpipe.apps.caption import caption_images
 
-    results = caption_images(model, list(images), beam=beam, device=device)
-    rows = [[Path(r["image"]).name, r["caption"], f"{r['score']:.3f}"] for r in results]
-    emit(results, as_json, table(rows, ["image", "caption", "score (log-prob / length^a)"]))
+    rows = caption_images(model, list(images), beam=beam, device=device, fail_fast=fail_fast, max_pixels=max_pixels)
+    _finish(rows, as_json, lambda good: table([[r["image"], r["caption"], f"{r['score']:.3f}"] for r in good],
+                                              ["image", "caption", "score (log-prob / length^a)"]))
 
 
 @cli.command("demo")
@@ -413,20 +473,29 @@ def caption_cmd(model, images, beam, device, as_json) -> None:
               help="shapes (embedded, no files) or mnist/fashion-mnist. Default: mnist when --data-dir holds it, "
                    "else shapes.")
 @click.option("--model", default="lenet5", show_default=True)
-@click.option("--epochs", type=int, default=None, help="Default: 8 on shapes, 2 on MNIST.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: 8 on shapes, 2 on MNIST.")
 @click.option("--quick", is_flag=True, help="A tiny run (seconds) that still goes through every stage.")
 @DATA_DIR
 @JSON
 def demo_cmd(out, dataset, model, epochs, quick, data_dir, as_json) -> None:
-    """The whole pipeline in one command: train, export, quantize, evaluate, bench, classify."""
+    """The whole pipeline in one command: train, export, quantize, evaluate, bench, classify.
+
+    Timings are interleaved rounds with rests; a * marks a number whose spread (p90/p10 of its calls) is
+    over 2: the machine was too busy to trust it.
+    """
     from dlpipe.apps.demo import run_demo
+    from dlpipe.runtime.benchmark import SPREAD_FOOTNOTE, marked
 
     if dataset is None:
         dataset = "mnist" if data_dir and (Path(data_dir) / "MNIST" / "raw").is_dir() else "shapes"
     summary = run_demo(out=out, dataset=dataset, model=model, epochs=epochs, quick=quick, data_dir=data_dir)
-    rows = [[v["variant"], f"{v['size_kib']:.0f}", f"{100 * v['accuracy']:.2f}%", v["agreement"], v["p50_ms_b1"],
-             f"{v['throughput_b64']:.0f}"] for v in summary["variants"]]
+    variants = summary["variants"]
+    rows = [[v["variant"], f"{v['size_kib']:.0f}", f"{100 * v['accuracy']:.2f}%", v["agreement"],
+             marked(v["p50_ms_b1"], v["spread_too_wide_b1"]),
+             marked(v["throughput_b64"], v["spread_too_wide_b64"], digits=0)] for v in variants]
+    busy = any(v["spread_too_wide_b1"] or v["spread_too_wide_b64"] for v in variants)
     human = (table(rows, ["variant", "KiB", "accuracy", "agrees w/ fp32", "p50 ms (b=1)", "img/s (b=64)"])
+             + (f"\n{SPREAD_FOOTNOTE}" if busy else "")
              + "\n\nsample classifications (int8):\n"
              + table([[c["image"], c["truth"], c["label"], f"{c['score']:.3f}"] for c in summary["samples"]],
                      ["image", "truth", "predicted", "prob"])
@@ -442,6 +511,61 @@ def _task_table(tasks: list[dict]) -> str:
     rows = [[t["task"], t["model"], t["metric"],
              ", ".join(f"{k} {v:.3g}" for k, v in t["scores"].items() if v is not None), t["sample"]] for t in tasks]
     return "\n\nother tasks:\n" + table(rows, ["task", "model", "metric", "results", "app"])
+
+
+@cli.command("serve")
+@click.argument("sources", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@DEVICE
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime threads per session.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True, help="Sessions per model.")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Rows per execution (0: no dynamic batching).")
+@click.option("--preferred-batch-size", default=None, help="Comma-separated batch sizes run at once.")
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--idle-run/--no-idle-run", default=True, show_default=True,
+              help="Run at once when no session is busy (Triton always waits out the delay).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Queued requests per model; more are answered 503 with Retry-After.")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True)
+@MAX_PIXELS
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="One JSON line per request.")
+def serve_cmd(sources, host, port, device, threads, instances, max_batch_size, preferred_batch_size,
+              max_queue_delay_ms, idle_run, max_queue, timeout_s, max_body_mb, max_pixels, access_log) -> None:
+    """Serve SOURCES (ONNX files or Triton-layout repositories) over the Open Inference Protocol (KServe v2)."""
+    from dlpipe.apps.serve.app import ServerLimits
+    from dlpipe.apps.serve.repository import ModelSettings
+    from dlpipe.apps.serve.run import serve
+
+    settings = ModelSettings(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                             preferred_batch_size=tuple(_ints(preferred_batch_size)) if preferred_batch_size else (),
+                             max_queue=max_queue, instances=instances, threads=threads, device=device,
+                             timeout_s=timeout_s, idle_run=idle_run)
+    limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
+    serve(list(sources), host, port, settings, limits, access_log=access_log)
+
+
+@cli.command("export-repo")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Repository folder.")
+@click.option("--max-batch-size", type=click.IntRange(min=0), default=64, show_default=True)
+@click.option("--max-queue-delay-ms", type=click.FloatRange(min=0), default=2.0, show_default=True)
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@OVERWRITE
+@JSON
+def export_repo_cmd(models, out, max_batch_size, max_queue_delay_ms, instances, device, overwrite, as_json) -> None:
+    """Write a Triton model repository (config.pbtxt per model) that `dlpipe serve` reads too."""
+    from dlpipe.apps.serve.repository import ModelSettings
+    from dlpipe.apps.serve.triton_repo import export_repository
+
+    settings = ModelSettings(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                             instances=instances)
+    rows = export_repository(list(models), out, settings, device=device, overwrite=overwrite)
+    emit(rows, as_json, table([[r["model"], r["task"], r["max_batch_size"], r["folder"]] for r in rows],
+                              ["model", "task", "max batch", "folder"]))
 
 
 def main() -> None:

@@ -5,30 +5,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dlpipe.apps.images import failure_row, open_images, output_paths, predict_readable
 from dlpipe.runtime import load
-from dlpipe.runtime.errors import InputError
+from dlpipe.runtime.errors import UsageError
 from dlpipe.runtime.files import atomic_output, write_json
-from dlpipe.runtime.images import open_image
+from dlpipe.runtime.images import Failure
 from dlpipe.runtime.predictors import Detector, draw_detections
 
 
 def detect_images(model: str | Path, images: list[str], out: str | Path, threshold: float = 0.5,
-                  device: str = "auto") -> list[dict[str, Any]]:
-    """Detect objects in each image file; write ``<stem>_boxes.png`` and ``<stem>_boxes.json`` under ``out``.
+                  device: str = "auto", overwrite: bool = False, fail_fast: bool = False,
+                  max_pixels: int | None = None) -> list[dict[str, Any]]:
+    """Detect objects in each image file; write ``<name>_boxes.png`` and ``<name>_boxes.json`` under ``out``.
 
-    Every image is read and checked before anything is written.
+    Output names are unique and no existing file is replaced unless ``overwrite`` (as for
+    :func:`~dlpipe.apps.segment.segment_images`); an unreadable image gets a row with its ``error``.
     """
     predictor = load(model, device=device)
     if not isinstance(predictor, Detector):
-        raise InputError(f"'{model}' is a {predictor.info.task} model, not a detection model")
-    pictures = [open_image(p) for p in images]
-    results = predictor.predict(pictures, threshold=threshold)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"'{model}' is a {predictor.info.task} model, not a detection model")
+    targets = output_paths(images, out, ("_boxes.png", "_boxes.json"), overwrite)
+    pictures = open_images(images, fail_fast, max_pixels)
+    results = predict_readable(lambda imgs, errors: predictor.predict(imgs, threshold=threshold, errors=errors),
+                               pictures, fail_fast)
     rows = []
-    for path, picture, found in zip(images, pictures, results):
-        stem = Path(path).stem
-        drawn, listing = out / f"{stem}_boxes.png", out / f"{stem}_boxes.json"
+    for path, picture, found, (drawn, listing) in zip(images, pictures, results, targets):
+        if isinstance(found, Failure):
+            rows.append(failure_row(found, path))
+            continue
         row = {"image": str(path), "width": picture.size[0], "height": picture.size[1], "threshold": threshold,
                "detections": [d.as_dict() for d in found]}
         with atomic_output(drawn) as tmp:

@@ -9,13 +9,15 @@ Example:
 from dlpipe.runtime.captioner import Caption, Captioner
 from dlpipe.runtime.engine import Engine, available_devices, read_metadata
 from dlpipe.runtime.errors import (DataNotFoundError, DeviceUnavailableError, DlpipeError, InputError,
-                                   ModelFileError)
+                                   ModelFileError, UsageError)
+from dlpipe.runtime.images import Failure, set_max_pixels
 from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.runtime.policy import Policy, PolicyOutput
 from dlpipe.runtime.predictors import (Classification, Classifier, Detection, Detector, Segmentation, Segmenter,
                                        load)
 
 __all__ = [
-    "Engine", "available_devices", "load", "Captioner", "Caption", "Classifier", "Classification", "Segmenter", "Segmentation", "Detector", "Detection", "Policy", "PolicyOutput", "ModelInfo", "read_metadata",
-    "DlpipeError", "InputError", "ModelFileError", "DeviceUnavailableError", "DataNotFoundError",
+    "Engine", "available_devices", "load", "Captioner", "Caption", "Classifier", "Classification", "Segmenter", "Segmentation", "Detector", "Detection", "Policy", "PolicyOutput", "ModelInfo", "read_metadata", "Failure",
+    "set_max_pixels",
+    "DlpipeError", "InputError", "ModelFileError", "DeviceUnavailableError", "DataNotFoundError", "UsageError",
 ]

@@ -22,8 +22,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from dlpipe.runtime.engine import Engine
-from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.images import ImageLike, preprocess, split_items
+from dlpipe.runtime.errors import InputError, ModelFileError, UsageError
+from dlpipe.runtime.images import Failure, ImageLike, guarded, preprocess, split_items
 from dlpipe.runtime.metadata import ModelInfo
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -31,6 +31,8 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 MANIFEST = "manifest.json"
 PACKAGE_FORMAT = "dlpipe.package"
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# Larger exponents overflow length ** penalty (issue 12); useful ones lie around 0.6-1 (GNMT).
+MAX_LENGTH_PENALTY = 10.0
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -208,14 +210,33 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
         raise ModelFileError(f"model package '{path}' does not exist or has no {MANIFEST}")
     try:
         doc = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ModelFileError(f"'{manifest}' is not a readable JSON manifest ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deeply nested JSON
+        raise ModelFileError(f"'{manifest}' is not a readable JSON manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != PACKAGE_FORMAT:
         raise ModelFileError(f"'{manifest}' is not a dlpipe model package manifest (no format '{PACKAGE_FORMAT}')")
     for key in ("task", "graphs", "vocabulary", "preprocessing", "decoding"):
         if key not in doc:
             raise ModelFileError(f"'{manifest}': manifest has no '{key}'")
     return manifest, doc
+
+
+def _decoding(doc: object, manifest: Path) -> dict:
+    """The manifest's decoding defaults, checked: ``beam`` and ``max_len`` whole numbers from 1 and
+    ``length_penalty`` from 0 to :data:`MAX_LENGTH_PENALTY` (other keys kept as they are).
+
+    Raises:
+        ModelFileError: not an object, or a value of the wrong type or out of range (naming ``manifest``).
+    """
+    try:
+        if not isinstance(doc, dict):
+            raise TypeError(f"expected an object, got {type(doc).__name__}")
+        checked = {"beam": int(doc.get("beam", 3)), "max_len": int(doc.get("max_len", 20)),
+                   "length_penalty": float(doc.get("length_penalty", 0.0))}
+        if min(checked["beam"], checked["max_len"]) < 1 or not 0 <= checked["length_penalty"] <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"beam and max_len must be at least 1, length_penalty from 0 to {MAX_LENGTH_PENALTY:g}")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ModelFileError(f"'{manifest}': malformed 'decoding' ({type(exc).__name__}: {exc})") from None
+    return {**doc, **checked}
 
 
 class Captioner:
@@ -239,14 +260,24 @@ class Captioner:
             raise ModelFileError(f"'{self.manifest_path}' is a {doc['task']!r} package, not a captioner")
         folder = self.manifest_path.parent
         graphs = doc["graphs"]
-        if not isinstance(graphs, dict) or not {"encoder", "decoder"} <= set(graphs):
-            raise ModelFileError(f"'{self.manifest_path}': 'graphs' must name an 'encoder' and a 'decoder'")
+        if (not isinstance(graphs, dict) or not {"encoder", "decoder"} <= set(graphs)
+                or not all(isinstance(graphs[g], str) for g in ("encoder", "decoder"))):
+            raise ModelFileError(f"'{self.manifest_path}': 'graphs' must name an 'encoder' and a 'decoder' file")
         self.encoder = Engine(folder / graphs["encoder"], device=device, threads=threads)
         self.decoder = Engine(folder / graphs["decoder"], device=device, threads=decoder_threads)
         self.engine = self.encoder  # what the other predictors call their engine (providers, path)
+        if sorted(self.decoder.input_names) != ["c_in", "h_in", "token"] or len(self.decoder.outputs) != 3:
+            raise ModelFileError(f"'{self.manifest_path}': the decoder graph '{graphs['decoder']}' is not a decoder "
+                                 "step (token, h_in, c_in -> log_probs, h_out, c_out)")
         self.info = ModelInfo.from_json(json.dumps(doc), f"'{self.manifest_path}'")
-        self.vocabulary = Vocabulary(tuple(doc["vocabulary"]))
-        self.decoding = dict(doc["decoding"])
+        words = doc["vocabulary"]
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ModelFileError(f"'{self.manifest_path}': 'vocabulary' must be a list of words")
+        try:
+            self.vocabulary = Vocabulary(tuple(words))
+        except ModelFileError as exc:
+            raise ModelFileError(f"'{self.manifest_path}': {exc}") from None
+        self.decoding = _decoding(doc["decoding"], self.manifest_path)
         vocab_out = self.decoder.outputs[0].shape[-1]
         if isinstance(vocab_out, int) and vocab_out != len(self.vocabulary):
             raise ModelFileError(f"'{self.manifest_path}': the decoder predicts {vocab_out} tokens, the vocabulary "
@@ -272,31 +303,34 @@ class Captioner:
         return lp, h, c
 
     def predict(self, images: ImageLike | Iterable[ImageLike], beam: int | None = None, max_len: int | None = None,
-                length_penalty: float | None = None, batch_size: int = 32) -> list[Caption]:
+                length_penalty: float | None = None, batch_size: int = 32,
+                errors: str = "raise") -> list[Caption | Failure]:
         """Caption images (paths, PIL images, HxW[xC] arrays or an NxHxW[xC] batch), ``batch_size`` at a time.
 
         Args:
             beam: Beam width; 1 is greedy decoding; the package's default when None.
             max_len: Most tokens generated per caption (``<eos>`` included); the package's default when None.
             length_penalty: Exponent of the length normalisation; the package's default when None.
+            errors: ``"raise"`` stops at the first unusable image; ``"skip"`` puts a
+                :class:`~dlpipe.runtime.images.Failure` in its place and goes on.
 
         Returns:
-            One :class:`Caption` per image, in order.
+            One :class:`Caption` (or :class:`Failure`) per image, in order.
         """
         beam = int(self.decoding.get("beam", 3) if beam is None else beam)
         max_len = int(self.decoding.get("max_len", 20) if max_len is None else max_len)
         alpha = float(self.decoding.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
         if beam < 1 or max_len < 1 or batch_size < 1:
-            raise InputError(f"beam width, maximum length and batch size must be at least 1, got {beam}, {max_len}, "
+            raise UsageError(f"beam width, maximum length and batch size must be at least 1, got {beam}, {max_len}, "
                              f"{batch_size}")
+        if not 0 <= alpha <= MAX_LENGTH_PENALTY:
+            raise UsageError(f"the length penalty must be between 0 and {MAX_LENGTH_PENALTY:g}, got {alpha}")
         items = split_items(images)
         if not items:
             raise InputError("no images given")
-        results = []
-        for start in range(0, len(items), batch_size):
-            batch = preprocess(items[start:start + batch_size], self.info.preprocessing)
-            results.extend(self.decode(batch, beam, max_len, alpha))
-        return results
+        chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+        return guarded(chunks, lambda part: self.decode(preprocess(part, self.info.preprocessing), beam, max_len,
+                                                        alpha), errors)
 
     def decode(self, batch: np.ndarray, beam: int = 1, max_len: int = 20,
                length_penalty: float = 0.0) -> list[Caption]:

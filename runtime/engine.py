@@ -29,6 +29,11 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
               "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
 _probe_lock = threading.Lock()
+# What InferenceSession.run raises for a graph that cannot run on the inputs it was given (a size too small
+# for a kernel or a resize, a shape its reshape cannot take): pybind exceptions that derive from Exception only.
+_RUN_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
+                    ("Fail", "InvalidArgument", "RuntimeException", "NotImplemented", "InvalidGraph", "EPFail")
+                    if hasattr(ort.capi.onnxruntime_pybind11_state, name))
 
 
 def available_devices() -> list[str]:
@@ -40,8 +45,12 @@ def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> o
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises several pybind exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"'{path}' is not a loadable ONNX model: {first}") from None
+        raise ModelFileError(f"'{path}' is not a loadable ONNX model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Engine:
@@ -82,6 +91,9 @@ class Engine:
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.outputs]
         self.info: ModelInfo | None = info_from_session(self.session, self.path)
+        # A run that fails comes back as an InputError; onnxruntime's own log line would only repeat it.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         # What run() checks, worked out once: (name, dtype, rank, [(axis, fixed size), ...]).
         self._contract = [(spec.name, self.input_dtype(i), len(spec.shape),
                            [(a, d) for a, d in enumerate(spec.shape) if isinstance(d, int)])
@@ -123,18 +135,22 @@ class Engine:
             outputs: Output names to fetch (all when None).
 
         Raises:
-            InputError: wrong input names, rank, fixed dimension or dtype.
+            InputError: wrong input names, rank, fixed dimension or dtype, unknown output names, or inputs the
+                graph cannot run on (e.g. an image too small for its kernels).
         """
         if isinstance(feeds, np.ndarray):
             if len(self._contract) != 1:
                 raise InputError(f"'{self.path}' takes inputs {self.input_names}; pass a dict")
             feeds = {self._contract[0][0]: feeds}
+        elif not isinstance(feeds, Mapping):
+            raise InputError(f"'{self.path}' takes a numpy array or a dict of them by input name, "
+                             f"got {type(feeds).__name__}")
         elif len(feeds) != len(self._contract):
-            raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(feeds)}")
+            raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(map(str, feeds))}")
         for name, dtype, rank, fixed in self._contract:
             arr = feeds.get(name)
             if arr is None:
-                raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(feeds)}")
+                raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(map(str, feeds))}")
             if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
                 got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
                 raise InputError(f"input '{name}' of '{self.path}' must be a {dtype} array, got {got}")
@@ -143,7 +159,15 @@ class Engine:
                 want = [d if isinstance(d, int) else str(d) for d in self.session.get_inputs()[
                     self.input_names.index(name)].shape]
                 raise InputError(f"input '{name}' of '{self.path}' must have shape {want}, got {list(shape)}")
-        return self.session.run(list(outputs) if outputs else None, feeds)
+        wanted = list(outputs) if outputs else None
+        unknown = [o for o in wanted or () if o not in self.output_names]
+        if unknown:
+            raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        try:
+            return self.session.run(wanted, feeds, self._run_options)
+        except _RUN_ERRORS as exc:
+            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
+            raise InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}") from None
 
     def __repr__(self) -> str:
         return f"Engine('{self.path}', providers={self.providers})"

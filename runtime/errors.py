@@ -1,7 +1,9 @@
 """Errors every dlpipe stage raises for problems a user can fix.
 
 The CLI turns any :class:`DlpipeError` into one line on stderr and a non-zero exit code; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. Exit codes: 0 success, 1 a runtime or data error (a bad image,
+model file or dataset, a device that cannot run), 2 a usage error (a wrong option value, a model of the
+wrong kind for the command).
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ class DlpipeError(Exception):
 
 
 class InputError(DlpipeError, ValueError):
-    """An input (image, array, argument) that cannot be used, e.g. wrong shape, dtype or file type."""
+    """An input (image, array, data file) that cannot be used, e.g. wrong shape, dtype or file type."""
+
+
+class UsageError(InputError):
+    """A command used wrongly: an option value out of range, a model of the wrong kind for the command."""
 
     exit_code = 2
 

@@ -46,19 +46,27 @@ class Policy:
         try:
             self.observation_shape: tuple[int, ...] = tuple(int(d) for d in env["observation_shape"])
             self.num_actions = int(env["num_actions"])
-        except (KeyError, TypeError, ValueError):
+            self.action_names: tuple[str, ...] = tuple(str(a) for a in env.get("action_names") or self.info.labels)
+            if self.num_actions < 1:
+                raise ValueError("no actions")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
             raise ModelFileError(f"'{engine.path}' does not describe its environment (observation shape and "
                                  "actions); export it from a DQN checkpoint") from None
         self.env_id: str = str(env.get("id", self.info.raw.get("dataset", "")))
-        self.action_names: tuple[str, ...] = tuple(env.get("action_names") or self.info.labels)
 
     @property
     def path(self) -> Path:
         return self.engine.path
 
+    def _array(self, observations: Any) -> np.ndarray:
+        try:
+            return np.asarray(observations)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise InputError(f"observations for '{self.path}' must be numeric arrays ({exc})") from None
+
     def _batch(self, observations: Any) -> tuple[np.ndarray, bool]:
         """``observations`` as a float32 batch, and whether a single observation was given."""
-        arr = np.asarray(observations)
+        arr = self._array(observations)
         if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
             raise InputError(f"observations must be numeric arrays, got {arr.dtype}")
         single = arr.shape == self.observation_shape
@@ -92,7 +100,7 @@ class Policy:
 
     def act(self, observation: Any, epsilon: float = 0.0, rng: np.random.Generator | None = None) -> int:
         """The action for one observation."""
-        arr = np.asarray(observation)
+        arr = self._array(observation)
         if arr.shape != self.observation_shape:
             raise InputError(f"'{self.path}' takes one observation of shape {list(self.observation_shape)}, "
                              f"got {list(arr.shape)}")

@@ -11,8 +11,8 @@ import numpy as np
 
 from dlpipe.runtime.captioner import is_package, load_package
 from dlpipe.runtime.engine import Engine
-from dlpipe.runtime.errors import InputError, ModelFileError
-from dlpipe.runtime.images import ImageLike, pad_to_multiple, preprocess, split_items, to_pil
+from dlpipe.runtime.errors import InputError, ModelFileError, UsageError
+from dlpipe.runtime.images import Failure, ImageLike, guarded, pad_to_multiple, preprocess, split_items, to_pil
 from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.runtime.policy import Policy
 
@@ -65,25 +65,41 @@ class Classifier(Predictor):
 
     task = "classification"
 
+    def __init__(self, engine: Engine):
+        super().__init__(engine)
+        classes = engine.outputs[0].shape[-1] if engine.outputs and engine.outputs[0].shape else None
+        if self.info.labels and isinstance(classes, int) and classes != len(self.info.labels):
+            raise ModelFileError(f"'{engine.path}' names {len(self.info.labels)} labels in its metadata but its output "
+                                 f"has {classes} classes; every prediction would be named wrongly")
+
     def logits(self, images: ImageLike | Iterable[ImageLike], batch_size: int = 64) -> np.ndarray:
         """Raw model outputs (N x classes) for the images, run ``batch_size`` at a time."""
-        outputs = []
-        for part in self._chunks(images, batch_size):
-            batch = preprocess(part, self.info.preprocessing)
-            outputs.append(self.engine.run({self.engine.input_names[0]: batch})[0])
-        return np.concatenate(outputs)
+        return np.concatenate([self._logits(part) for part in self._chunks(images, batch_size)])
 
-    def predict(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5,
-                batch_size: int = 64) -> list[Classification]:
+    def _logits(self, part: list[ImageLike]) -> np.ndarray:
+        batch = preprocess(part, self.info.preprocessing)
+        return self.engine.run({self.engine.input_names[0]: batch})[0]
+
+    def predict(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5, batch_size: int = 64,
+                errors: str = "raise") -> list[Classification | Failure]:
         """Classify images (paths, PIL images, HxW[xC] arrays, or an NxHxW[xC] batch).
 
+        Args:
+            top_k: How many of the best labels each result lists (at least 1; at most the class count).
+            errors: ``"raise"`` stops at the first unusable image; ``"skip"`` puts a
+                :class:`~dlpipe.runtime.images.Failure` in its place and goes on.
+
         Returns:
-            One :class:`Classification` per image, in order.
+            One :class:`Classification` (or :class:`Failure`) per image, in order.
         """
-        probs = softmax(self.logits(images, batch_size))
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {top_k!r}")
+        return guarded(self._chunks(images, batch_size), lambda part: self._classify(part, int(top_k)), errors)
+
+    def _classify(self, part: list[ImageLike], top_k: int) -> list[Classification]:
+        probs = softmax(self._logits(part))
         labels = self.info.labels or tuple(str(i) for i in range(probs.shape[1]))
-        k = max(1, min(top_k, probs.shape[1]))
-        order = np.argsort(-probs, axis=1)[:, :k]
+        order = np.argsort(-probs, axis=1)[:, :min(top_k, probs.shape[1])]
         return [Classification(label=labels[row[0]], index=int(row[0]), score=float(p[row[0]]),
                                top_k=tuple((labels[j], float(p[j])) for j in row)) for p, row in zip(probs, order)]
 
@@ -131,20 +147,25 @@ class Segmenter(Predictor):
         logits = self.engine.run({self.engine.input_names[0]: padded})[0]
         return logits[:, :, :h, :w].argmax(1).astype(np.uint8)
 
-    def predict(self, images: ImageLike | Iterable[ImageLike]) -> list[Segmentation]:
+    def predict(self, images: ImageLike | Iterable[ImageLike], errors: str = "raise") -> list[Segmentation | Failure]:
         """Segment images (paths, PIL images or arrays, each at its own size).
 
+        Args:
+            errors: ``"raise"`` stops at the first unusable image; ``"skip"`` puts a
+                :class:`~dlpipe.runtime.images.Failure` in its place and goes on.
+
         Returns:
-            One :class:`Segmentation` per image, in order.
+            One :class:`Segmentation` (or :class:`Failure`) per image, in order.
         """
+        # one at a time: each image keeps its own size
+        return guarded(self._chunks(images, 1), self._segment, errors)
+
+    def _segment(self, part: list[ImageLike]) -> list[Segmentation]:
         labels = self.info.labels
-        results = []
-        for part in self._chunks(images, 1):  # one at a time: each image keeps its own size
-            mask = self._masks(part)[0]
-            counts = np.bincount(mask.ravel(), minlength=len(labels))
-            shares = {labels[k] if k < len(labels) else str(k): float(c / mask.size) for k, c in enumerate(counts)}
-            results.append(Segmentation(mask=mask, shares=shares))
-        return results
+        mask = self._masks(part)[0]
+        counts = np.bincount(mask.ravel(), minlength=len(labels))
+        shares = {labels[k] if k < len(labels) else str(k): float(c / mask.size) for k, c in enumerate(counts)}
+        return [Segmentation(mask=mask, shares=shares)]
 
 
 @dataclass(frozen=True)
@@ -194,26 +215,30 @@ class Detector(Predictor):
         boxes, labels, scores = self.engine.run({self.engine.input_names[0]: chw})[:3]
         return boxes, labels, scores
 
-    def predict(self, images: ImageLike | Iterable[ImageLike], threshold: float = 0.5) -> list[list[Detection]]:
+    def predict(self, images: ImageLike | Iterable[ImageLike], threshold: float = 0.5,
+                errors: str = "raise") -> list[list[Detection] | Failure]:
         """Detect objects in images (paths, PIL images or arrays, each at its own size).
 
         Args:
             threshold: Smallest score kept.
+            errors: ``"raise"`` stops at the first unusable image; ``"skip"`` puts a
+                :class:`~dlpipe.runtime.images.Failure` in its place and goes on.
 
         Returns:
-            One list of :class:`Detection` per image, best score first.
+            One list of :class:`Detection` (best score first), or a :class:`Failure`, per image.
         """
         if not 0 <= threshold <= 1:
-            raise InputError(f"threshold must be between 0 and 1, got {threshold}")
+            raise UsageError(f"threshold must be between 0 and 1, got {threshold}")
+        # the graph takes one image at a time, at its own size
+        return guarded(self._chunks(images, 1), lambda part: [self._detect(part[0], threshold)], errors)
+
+    def _detect(self, image: ImageLike, threshold: float) -> list[Detection]:
         names = self.info.labels
-        results = []
-        for part in self._chunks(images, 1):  # the graph takes one image at a time, at its own size
-            boxes, labels, scores = self.raw(part[0])
-            keep = np.argsort(-scores)
-            results.append([Detection(label=names[k] if k < len(names) else str(k), index=int(k), score=float(s),
-                                      box=tuple(float(v) for v in b))
-                            for b, k, s in zip(boxes[keep], labels[keep], scores[keep]) if s >= threshold])
-        return results
+        boxes, labels, scores = self.raw(image)
+        keep = np.argsort(-scores)
+        return [Detection(label=names[k] if k < len(names) else str(k), index=int(k), score=float(s),
+                          box=tuple(float(v) for v in b))
+                for b, k, s in zip(boxes[keep], labels[keep], scores[keep]) if s >= threshold]
 
 
 PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier, "segmentation": Segmenter,
@@ -235,5 +260,6 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None) -> 
                              "run it raw with dlpipe.runtime.Engine")
     cls = PREDICTORS.get(engine.info.task)
     if cls is None:
-        raise ModelFileError(f"'{path}' is a {engine.info.task!r} model; this dlpipe serves {', '.join(PREDICTORS)}")
+        served = ", ".join([*PREDICTORS, "captioning (packages)"])
+        raise ModelFileError(f"'{path}' is a {engine.info.task!r} model; this dlpipe serves {served}")
     return cls(engine)

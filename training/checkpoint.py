@@ -6,13 +6,14 @@ Every checkpoint is made by :func:`checkpoint_payload` and written by :func:`sav
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dlpipe.runtime.errors import ModelFileError
+from dlpipe.runtime.errors import DlpipeError, ModelFileError
 from dlpipe.runtime.files import atomic_output
 from dlpipe.training.registry import get_spec
 
@@ -69,17 +70,40 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"checkpoint '{path}' does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle/zip errors come in many types
-        raise ModelFileError(f"'{path}' is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})".split("\n")[0]) from None
+    except pickle.UnpicklingError:
+        # torch's message advises loading with weights_only=False, which would run code from the file: never
+        # pass that on (issue 12).
+        raise ModelFileError(f"'{path}' is not a dlpipe checkpoint (not a readable PyTorch checkpoint: it holds "
+                             "objects other than tensors and plain values, or is damaged)") from None
+    except Exception as exc:  # zip, pickle and storage errors come in many types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = type(exc).__name__ if "weights_only" in reason else f"{type(exc).__name__}: {reason}"
+        raise ModelFileError(f"'{path}' is not a dlpipe checkpoint (not a readable PyTorch checkpoint: "
+                             f"{reason})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ModelFileError(f"'{path}' is not a dlpipe checkpoint (no '{FORMAT}' header); "
                              "for your own nn.Module use 'dlpipe export --builder module:function --weights FILE'")
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """Rebuild the registered model from a loaded checkpoint, weights included, in eval mode."""
-    spec = get_spec(ckpt["model"])
-    model = spec.build(**ckpt["model_args"])
-    model.load_state_dict(ckpt["state_dict"])
+def model_from_checkpoint(ckpt: dict[str, Any], source: str | Path | None = None) -> nn.Module:
+    """Rebuild the registered model from a loaded checkpoint, weights included, in eval mode.
+
+    Args:
+        source: The checkpoint's file, named in errors.
+
+    Raises:
+        ModelFileError: no registered model, arguments its builder refuses, or weights that do not fit it.
+    """
+    name = f"'{source}'" if source else "the checkpoint"
+    try:
+        spec = get_spec(ckpt["model"])
+        model = spec.build(**ckpt["model_args"])
+        model.load_state_dict(ckpt["state_dict"])
+    except DlpipeError as exc:  # an unknown model name
+        raise ModelFileError(f"{name}: {exc}") from None
+    # a damaged or hand-edited checkpoint: arguments the builder refuses, weights that do not fit the model
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ModelFileError(f"{name} does not rebuild its model ({type(exc).__name__}: {first})") from None
     return model.eval()
