@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
+from dlpipe.runtime.captioner import is_package, read_manifest
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.predictors import load
@@ -36,17 +37,35 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
             "labels": list(predictor.info.labels), "providers": predictor.engine.providers, **report}
 
 
+def _engines(models: Sequence[str | Path], device: str, threads: int | None) -> dict[str, Engine]:
+    """One engine per ONNX file, and one per graph of a model package (a folder or a manifest), keyed
+    ``package:part`` (``package:part.fp16`` for a variant's graphs) so each is timed under its own name."""
+    engines = {}
+    for model in models:
+        if not is_package(model):
+            engines[str(model)] = Engine(model, device=device, threads=threads)
+            continue
+        manifest, doc = read_manifest(model)
+        for file in doc["graphs"].values():
+            engines[f"{manifest.parent}:{Path(file).stem}"] = Engine(manifest.parent / file, device=device,
+                                                                     threads=threads)
+    return engines
+
+
 def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), checkpoint: str | Path | None = None,
               warmup: int = 10, iters: int = 100, threads: int | None = None,
-              device: str = "cpu") -> list[LatencyStats]:
+              device: str = "cpu", rounds: int = 5, attempts: int = 2) -> list[LatencyStats]:
     """Latency of each ONNX model (and PyTorch eager from ``checkpoint``) at each batch size, interleaved.
 
     The ONNX runners call ``Engine.run`` (the runtime's path, input checks included) on the same
-    random inputs that PyTorch eager gets; ``threads`` applies to both.
+    random inputs that PyTorch eager gets; ``threads`` applies to both. Each batch size is timed in
+    ``rounds`` round-robin blocks with rests between them, and timed again (up to ``attempts`` passes in
+    all) while some runner's spread is too wide to trust (``dlpipe.runtime.benchmark.SPREAD_LIMIT``); each
+    result carries its spread and that flag.
     """
     if not models and checkpoint is None:
         raise InputError("nothing to benchmark: give ONNX models and/or --vs-torch CHECKPOINT")
-    engines = {str(m): Engine(m, device=device, threads=threads) for m in models}
+    engines = _engines(models, device, threads)
     module = None
     if checkpoint is not None:
         if threads:
@@ -79,5 +98,5 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
                     return m(x)
 
             runners["pytorch eager [fp32]"] = eager
-        results.extend(measure_interleaved(runners, batch, warmup, iters).values())
+        results.extend(measure_interleaved(runners, batch, warmup, iters, rounds, attempts=attempts).values())
     return results

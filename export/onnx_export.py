@@ -22,6 +22,7 @@ from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
 from dlpipe.runtime.captioner import MANIFEST, PACKAGE_FORMAT
 from dlpipe.runtime.files import atomic_folder, atomic_output, write_json
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
+from dlpipe.training.pretrained import load_torchvision
 from dlpipe.training.registry import OnnxContract, get_spec
 from dlpipe.training.tasks import Graph, get_task
 
@@ -111,6 +112,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | N
     """Export a dlpipe training checkpoint (any registered model) to a self-describing ONNX file, or to a
     package folder of several graphs with a manifest when its task exports several (the task's ``graphs``)."""
     ckpt = load_checkpoint(checkpoint)
+    _check_checkpoint_labels(ckpt, checkpoint)
     spec = get_spec(ckpt["model"])
     task = get_task(spec.task)
     graphs = task.graphs(ckpt, model_from_checkpoint(ckpt), dynamic_batch)
@@ -123,6 +125,52 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int | N
     return export_module(graph.module, graph.example, out, contract=graph.contract, metadata=meta,
                          check_inputs=graph.checks, opset=opset, dynamic_batch=dynamic_batch,
                          exporter=exporter or graph.contract.exporter, name=spec.name)
+
+
+def export_torchvision(name: str, out: str | Path, *, weights: str | Path | None = None, opset: int | None = None,
+                       dynamic_batch: bool = True, exporter: str = "dynamo") -> ExportReport:
+    """Export a torchvision classifier named ``torchvision:ARCH[:WEIGHTS|:FILE.pth]`` (or with ``weights``, a
+    state dict file), its category names and preprocessing (shorter side resized, centre crop, mean/std)
+    taken from the weights' own metadata and ``transforms()``.
+
+    Raises:
+        InputError: an unknown architecture or weights name, or categories that do not match the output.
+        DataNotFoundError: named weights not in the local torch cache (never downloaded).
+        ModelFileError: a weights file that is missing or does not fit.
+    """
+    found = load_torchvision(name, weights)
+    preprocessing = found.preprocessing()
+    size = preprocessing["size"]
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(2 if dynamic_batch else 1, 3, *size, generator=g),)
+    classes = _output_classes(found.module, example, name)
+    if classes != len(found.categories):
+        raise InputError(f"{name} names {len(found.categories)} categories, but its output has {classes} classes")
+    contract = OnnxContract(inputs={"image": {0: "batch"}}, outputs={"logits": {0: "batch"}}, atol=1e-4, rtol=1e-3)
+    meta = build_metadata(task="classification", model=f"torchvision:{found.arch}", labels=found.categories,
+                          preprocessing=preprocessing, inputs=["image"], outputs=["logits"],
+                          dynamic_axes=_axes(contract, dynamic_batch))
+    meta["weights"] = {"name": str(found.weights), "file": str(found.file)}
+    checks = [(torch.randn(1, 3, *size, generator=g),), (torch.randn(5 if dynamic_batch else 1, 3, *size, generator=g),)]
+    return export_module(found.module, example, out, contract=contract, metadata=meta, check_inputs=checks, opset=opset,
+                         dynamic_batch=dynamic_batch, exporter=exporter, name=f"torchvision {found.arch}")
+
+
+# The builder arguments that size a model's output: its classes, or a Q-network's actions.
+_OUTPUT_SIZE_ARGS = ("num_classes", "num_actions")
+
+
+def _check_checkpoint_labels(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose labels do not name its model's outputs one to one (issue 12).
+
+    Raises:
+        ModelFileError: naming both numbers.
+    """
+    labels, args = ckpt["dataset"]["labels"], ckpt["model_args"]
+    for key in _OUTPUT_SIZE_ARGS:
+        if labels and key in args and int(args[key]) != len(labels):
+            raise ModelFileError(f"checkpoint '{path}' carries {len(labels)} labels but its {ckpt['model']} model "
+                                 f"has {args[key]} outputs ({key}); they must match one to one")
 
 
 def graph_metadata(ckpt: dict[str, Any], contract: OnnxContract, dynamic_batch: bool,
@@ -193,6 +241,49 @@ def import_builder(target: str):
     return fn
 
 
+def read_labels(spec: str) -> list[str]:
+    """Class names as ``--labels`` gives them: comma-separated, or ``@FILE`` with one name per line (names
+    may hold spaces, as ImageNet's "grand piano" does; each is stripped and blank lines are skipped).
+
+    Raises:
+        InputError: the file is missing or unreadable, or no name is given.
+    """
+    if not spec.startswith("@"):
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+        if not names:
+            raise InputError(f"--labels {spec!r} names no class")
+        return names
+    path = Path(spec[1:])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"labels file '{path}' does not exist") from None
+    except UnicodeDecodeError:
+        raise InputError(f"labels file '{path}' is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"labels file '{path}' cannot be read: {exc.strerror or exc}") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise InputError(f"labels file '{path}' holds no labels (one per line)")
+    return names
+
+
+def _output_classes(module: nn.Module, example: tuple[torch.Tensor, ...], builder: str) -> int:
+    """The class dimension (axis 1) of the module's logits on ``example``."""
+    try:
+        with torch.no_grad():
+            out = module(*example)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"builder {builder!r}'s module fails on an input of shape {list(example[0].shape)}: "
+                         f"{first}") from None
+    out = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(out, torch.Tensor) or out.ndim < 2:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"builder {builder!r}'s module must return logits (batch x classes...), got {shape}")
+    return int(out.shape[1])
+
+
 def export_user_module(builder: str, out: str | Path, *, input_shape: Sequence[int], labels: Sequence[str],
                        weights: str | Path | None = None, color: str | None = None,
                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -203,8 +294,12 @@ def export_user_module(builder: str, out: str | Path, *, input_shape: Sequence[i
     Args:
         builder: ``package.module:function`` returning the module (called without arguments).
         input_shape: ``(channels, height, width)`` of one input image.
-        labels: Class names in output order.
+        labels: Class names in output order, as many as the module's output has classes (axis 1).
         weights: A state dict saved with ``torch.save(model.state_dict(), ...)``.
+
+    Raises:
+        InputError: a bad shape or builder, or labels that do not match the output's classes.
+        ModelFileError: unreadable weights.
     """
     if len(input_shape) != 3:
         raise InputError(f"input shape must be C,H,W, got {list(input_shape)}")
@@ -229,6 +324,10 @@ def export_user_module(builder: str, out: str | Path, *, input_shape: Sequence[i
     meta = build_metadata(task=task, model=builder, labels=list(labels), preprocessing=preprocessing,
                           inputs=["image"], outputs=["logits"], dynamic_axes=_axes(contract, dynamic_batch))
     example = (torch.randn(1 if not dynamic_batch else 2, c, h, w, generator=g),)
+    classes = _output_classes(module.eval(), example, builder)
+    if classes != len(labels):  # checked before anything is written (issue 12)
+        raise InputError(f"{len(labels)} labels given, but {builder}'s output has {classes} classes; "
+                         "give one label per class, in output order")
     checks = [(torch.randn(1, c, h, w, generator=g),), (torch.randn(1 if not dynamic_batch else 5, c, h, w, generator=g),)]
     return export_module(module, example, out, contract=contract, metadata=meta, check_inputs=checks, opset=opset,
                          dynamic_batch=dynamic_batch, exporter=exporter, name=builder)

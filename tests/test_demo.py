@@ -6,13 +6,16 @@ import math
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from dlpipe.runtime import read_metadata
+from dlpipe.runtime.benchmark import SPREAD_FOOTNOTE, SPREAD_LIMIT
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 VARIANTS = ["fp32", "fp16", "int8", "pytorch eager"]
 OTHER_TASKS = {"segmentation", "detection", "captioning", "control", "transfer"}
@@ -36,6 +39,7 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+@slow
 def test_variants_are_measured(demo):
     out, variants = demo["out"], demo["summary"]["variants"]
     assert [v["variant"] for v in variants] == VARIANTS
@@ -45,8 +49,12 @@ def test_variants_are_measured(demo):
         assert _number(v["accuracy"]) and 0 < v["accuracy"] <= 1, v
         assert _number(v["p50_ms_b1"]) and v["p50_ms_b1"] > 0, v
         assert _number(v["throughput_b64"]) and v["throughput_b64"] > 0, v
+        for batch in ("b1", "b64"):  # issue 12: each timing says how far to trust it
+            assert _number(v[f"spread_{batch}"]) and v[f"spread_{batch}"] >= 1, v
+            assert v[f"spread_too_wide_{batch}"] is (v[f"spread_{batch}"] > SPREAD_LIMIT), v
 
 
+@slow
 def test_samples_are_classified_files(demo):
     out, samples = demo["out"], demo["summary"]["samples"]
     labels = set(read_metadata(out / "model.int8.onnx").labels)  # the samples go through the int8 model
@@ -61,6 +69,7 @@ def test_samples_are_classified_files(demo):
     assert {Path(s["image"]).resolve() for s in samples} == {p.resolve() for p in written}
 
 
+@slow
 def test_every_other_task_reports_a_score_per_variant(demo):
     out, rows = demo["out"], demo["summary"]["tasks"]
     tasks = {t["task"]: t for t in rows}
@@ -80,11 +89,40 @@ def test_every_other_task_reports_a_score_per_variant(demo):
     assert (out / "captioning" / "captioner" / "manifest.int8.json").is_file()
 
 
+@slow
 def test_stdout_prints_the_tables(demo):
     lines = demo["stdout"].splitlines()
     for headers in TABLES:
         header = re.compile(r"\s{2,}".join(map(re.escape, headers)) + r"\s*$")
         assert any(header.match(line) for line in lines), (headers, demo["stdout"][-3000:])
     assert "sample classifications" in demo["stdout"] and "other tasks" in demo["stdout"]
+    busy = any(v["spread_too_wide_b1"] or v["spread_too_wide_b64"] for v in demo["summary"]["variants"])
+    assert (SPREAD_FOOTNOTE in demo["stdout"]) is busy
     for row in demo["summary"]["tasks"]:  # one row per task in the last table
         assert any(line.split()[:1] == [row["task"]] for line in lines), row["task"]
+
+
+def _variant(name: str, p50: float, throughput: float, wide_b1: bool, wide_b64: bool) -> dict:
+    return {"variant": name, "path": f"{name}.onnx", "size_kib": 100.0, "accuracy": 0.9, "agreement": "-",
+            "p50_ms_b1": p50, "spread_b1": 3.0 if wide_b1 else 1.1, "spread_too_wide_b1": wide_b1,
+            "throughput_b64": throughput, "spread_b64": 3.0 if wide_b64 else 1.1, "spread_too_wide_b64": wide_b64}
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_demo_table_marks_timings_too_wide_to_trust(monkeypatch, busy):
+    from dlpipe.apps.cli import cli
+
+    variants = [_variant("fp32", 0.025, 79000.0, False, False), _variant("int8", 0.31, 44800.0, busy, False),
+                _variant("pytorch eager", 0.19, 35368.4, False, busy)]
+    summary = {"out": "runs/demo", "variants": variants, "samples": [], "tasks": []}
+    fake = types.ModuleType("dlpipe.apps.demo")  # the table only, without training anything
+    fake.run_demo = lambda **kwargs: summary
+    monkeypatch.setitem(sys.modules, "dlpipe.apps.demo", fake)
+    result = CliRunner().invoke(cli, ["demo", "--quick"])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("  ")[0]: line.split() for line in result.output.splitlines()
+            if line.split("  ")[0] in ("fp32", "int8", "pytorch eager")}
+    assert rows["fp32"][-2:] == ["0.0250", "79000"]
+    assert rows["int8"][-2:] == ["0.3100*" if busy else "0.3100", "44800"]
+    assert rows["pytorch eager"][-2:] == ["0.1900", "35368*" if busy else "35368"]
+    assert (SPREAD_FOOTNOTE in result.output) is busy

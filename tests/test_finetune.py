@@ -16,6 +16,7 @@ from PIL import Image
 
 from dlpipe.apps.cli import cli
 from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
+from dlpipe.training.pretrained import cached_weights_file
 from dlpipe.training import finetune as ft
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.registry import get_spec, list_models
@@ -62,7 +63,7 @@ def _cache_resnet18() -> dict[str, torch.Tensor]:
     weights = torchvision.models.ResNet18_Weights.DEFAULT
     torch.manual_seed(1)
     state = torchvision.models.resnet18(weights=None).state_dict()
-    path = ft.cached_weights_file(weights.url)
+    path = cached_weights_file(weights.url)
     path.parent.mkdir(parents=True)
     torch.save(state, path)
     return state
@@ -236,6 +237,70 @@ def test_finetune_export_classify_chain(tmp_path, folder, shapes_checkpoint):
     assert json.loads(result.stdout)["agreement"] >= 0.9
 
 
+def _two_class_folder(root, per_class: int = 8) -> None:
+    """``per_class`` 32x32 colour PNGs of circles and of squares."""
+    images, labels = ShapesWorld(seed=7, image_size=32).classification_set(20 * per_class)
+    for k, name in enumerate(CLASSES[:2]):
+        (root / name).mkdir(parents=True)
+        for i, idx in enumerate(np.flatnonzero(labels == k)[:per_class]):
+            Image.fromarray(images[idx]).save(root / name / f"{i}.png")
+
+
+def test_summary_reports_the_saved_model_when_fine_tuning_hurts(tmp_path, shapes_checkpoint):
+    """Issue 12 item 5: a fine-tuning stage that only makes things worse (backbone learning rate 50) must not
+    be reported as the result. best.pt comes from the head-only stage; the summary says so, and its headline
+    figure is best.pt loaded back and scored, not a figure from the history."""
+    folder = tmp_path / "two"
+    _two_class_folder(folder)
+    args = ["finetune", "--from", shapes_checkpoint, "--data", str(folder), "--head-epochs", "4", "--epochs", "3",
+            "--head-lr", "0.1", "--lr", "50", "--val-fraction", "0.25", "--batch-size", "8", "--threads", "1",
+            "--no-progress"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "json"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    head, tuned = summary["stages"]["head"], summary["stages"]["finetune"]
+    assert (head["epochs"], head["epochs_run"], tuned["epochs"], tuned["epochs_run"]) == (4, 4, 3, 3)
+    assert tuned["best_val_loss"] > 1e3 * head["best_val_loss"]  # the second stage really was ruined
+    assert summary["best_stage"] == "head" and summary["best_epoch"] == head["best_epoch"] <= 4
+    head_rows = [r for r in summary["history"] if r["stage"] == "head"]
+    assert head["best_val_acc"] == max(r["val_acc"] for r in head_rows) == summary["head_only"]["val_acc"]
+    assert summary["head_only"]["epoch"] == head["best_epoch"]
+
+    # score best.pt independently: a fresh model from the file on the same validation images
+    ckpt = load_checkpoint(summary["best"])
+    assert ckpt["stage"] == "head" and ckpt["epoch"] == head["best_epoch"]
+    pre = ckpt["dataset"]["preprocessing"]
+    val_x, val_y = ft.load_data(str(folder), pre, val_fraction=0.25, seed=0).val
+    assert len(val_y) == summary["images"]["val"] == 4
+    x = (val_x.float() / 255 - torch.tensor(pre["mean"]).view(1, -1, 1, 1)) / torch.tensor(pre["std"]).view(1, -1, 1, 1)
+    with torch.no_grad():
+        saved_acc = float((model_from_checkpoint(ckpt)(x).argmax(1) == val_y).float().mean())
+    assert summary["after"]["val_acc"] == pytest.approx(saved_acc) == pytest.approx(head["best_val_acc"])
+
+    # the printed text names the head-only stage and shows the saved model's figure
+    result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "text")])
+    assert result.exit_code == 0, result.output
+    assert f"best.pt: from the head-only stage (epoch {head['best_epoch']}), val {100 * saved_acc:.1f}%" \
+        in result.output
+    assert "the fine-tuning stage never beat the head-only stage" in result.output
+    assert "fine-tuned" not in result.output
+
+
+def test_stage_results_pick_each_stage_best_as_best_pt_does():
+    history = [{"epoch": 1, "stage": "head", "val_acc": 0.5, "val_loss": 0.7},
+               {"epoch": 2, "stage": "head", "val_acc": 1.0, "val_loss": 0.6},
+               {"epoch": 3, "stage": "head", "val_acc": 0.5, "val_loss": 0.6},
+               {"epoch": 4, "stage": "finetune", "val_acc": 0.5, "val_loss": 0.9},
+               {"epoch": 5, "stage": "finetune", "val_acc": 0.5, "val_loss": 0.4},
+               {"epoch": 6, "stage": "finetune", "val_acc": 0.5, "val_loss": 0.4}]
+    stages = ft.stage_results(history, [("head", 3), ("finetune", 5)])
+    assert stages["head"] == {"epochs": 3, "epochs_run": 3, "best_epoch": 2, "best_val_acc": 1.0, "best_val_loss": 0.6}
+    # equal accuracy: the lower loss, then the earlier epoch (as fit() keeps best.pt)
+    assert (stages["finetune"]["best_epoch"], stages["finetune"]["epochs_run"]) == (5, 3)
+    skipped = ft.stage_results(history[3:], [("head", 0), ("finetune", 3)])["head"]
+    assert skipped == {"epochs": 0, "epochs_run": 0, "best_epoch": None, "best_val_acc": None, "best_val_loss": None}
+
+
 @pytest.mark.slow
 def test_torchvision_finetune_exports_and_classifies(tmp_path, folder, torch_home):
     _cache_resnet18()
@@ -245,7 +310,7 @@ def test_torchvision_finetune_exports_and_classifies(tmp_path, folder, torch_hom
                                  "--out", str(out), "--image-size", "32", "--head-epochs", "1", "--epochs", "1",
                                  "--freeze", "backbone", "--threads", "1", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "head only" in result.output and "dlpipe export" in result.output
+    assert "head-only" in result.output and "best.pt: from the " in result.output and "dlpipe export" in result.output
     ckpt = load_checkpoint(out / "best.pt")
     assert ckpt["model"] == "torchvision" and ckpt["model_args"]["arch"] == "resnet18"
     # the frozen backbone is exactly the cached weights
@@ -283,6 +348,8 @@ def test_finetune_runs_on_the_shared_loop_with_resume_and_early_stopping(tmp_pat
     resumed = ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "a"), epochs=3, resume=first["last"], **base))
     assert [r["epoch"] for r in resumed["history"]] == [1, 2, 3, 4]
     assert [r["stage"] for r in resumed["history"]] == ["head", "finetune", "finetune", "finetune"]
+    assert [(s["epochs"], s["epochs_run"]) for s in resumed["stages"].values()] == [(1, 1), (3, 3)]
+    assert resumed["best_stage"] == resumed["history"][resumed["best_epoch"] - 1]["stage"]
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and json.loads(lines[-1])["epoch"] == 4  # appended, not restarted
     with pytest.raises(ModelFileError, match="cannot resume"):  # best.pt holds no training state

@@ -200,3 +200,62 @@ def test_measure_interleaved_reports_percentiles():
     for s in stats.values():
         assert s.iters == 20 and 0 < s.p50_ms <= s.p90_ms <= s.p99_ms
         assert s.throughput == pytest.approx(4 / (s.p50_ms / 1000))
+
+
+class FakeMachine:
+    """A clock that only moves when a fake runner runs: each call costs ``cost(name, call)`` ms, where
+    ``call`` counts that runner's calls; every call and rest is logged in order (issue 12)."""
+
+    def __init__(self, cost):
+        self.now, self.log, self.calls, self.cost = 0.0, [], {}, cost
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.log.append("rest")
+
+    def runner(self, name: str):
+        def run():
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.now += self.cost(name, self.calls[name]) / 1000
+            self.log.append(name)
+        return run
+
+
+def test_measure_interleaved_runs_rounds_round_robin_with_rests():
+    m = FakeMachine(lambda name, call: 1.0)
+    stats = measure_interleaved({n: m.runner(n) for n in "abc"}, batch=1, warmup=1, iters=4, rounds=2,
+                                clock=m.clock, sleep=m.sleep)
+
+    def block(n):  # a rest, the untimed wake-up call, two timed calls
+        return ["rest", n, n, n]
+
+    assert m.log == ["a", "b", "c", *block("a"), *block("b"), *block("c"), *block("a"), *block("b"), *block("c")]
+    assert all(s.iters == 4 and s.p50_ms == pytest.approx(1.0) and not s.spread_too_wide for s in stats.values())
+
+
+def test_spread_flags_a_runner_disturbed_by_a_busy_machine():
+    from dlpipe.runtime.benchmark import SPREAD_LIMIT
+
+    # "busy" is slowed 20x in every other round (another job came and went); "steady" is not
+    m = FakeMachine(lambda name, call: 20.0 if name == "busy" and (call - 1) // 11 % 2 else 1.0 + call % 3 / 100)
+    stats = measure_interleaved({"steady": m.runner("steady"), "busy": m.runner("busy")}, batch=1, warmup=0,
+                                iters=40, rounds=4, clock=m.clock, sleep=m.sleep)
+    assert stats["steady"].spread < 1.1 and not stats["steady"].spread_too_wide
+    assert stats["busy"].spread > SPREAD_LIMIT and stats["busy"].spread_too_wide
+    assert stats["busy"].as_dict()["spread_too_wide"] is True and stats["busy"].as_dict()["spread"] > SPREAD_LIMIT
+
+
+def test_a_wide_spread_is_measured_again_and_the_calmer_pass_kept():
+    # the other job leaves after the first pass (each runner: 2 rounds of one untimed and two timed calls)
+    m = FakeMachine(lambda name, call: (30.0 if call % 2 else 1.0) if call <= 6 else 1.0)
+    runners = {n: m.runner(n) for n in ("a", "b")}
+    once = measure_interleaved(runners, batch=1, warmup=0, iters=4, rounds=2, clock=m.clock, sleep=m.sleep)
+    assert once["a"].spread_too_wide
+    m = FakeMachine(lambda name, call: (30.0 if call % 2 else 1.0) if call <= 6 else 1.0)
+    runners = {n: m.runner(n) for n in ("a", "b")}
+    twice = measure_interleaved(runners, batch=1, warmup=0, iters=4, rounds=2, attempts=3, clock=m.clock,
+                                sleep=m.sleep)
+    assert m.calls == {"a": 12, "b": 12}  # a second pass of both runners, no third once the spread is narrow
+    assert not any(s.spread_too_wide for s in twice.values()) and twice["a"].p50_ms == pytest.approx(1.0)

@@ -32,7 +32,10 @@ def default_data_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "dlpipe" / "data"
 
 
-def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]:
+def _torchvision_loader(cls_name: str,
+                        name: str = "mnist") -> Callable[[str, Path, bool, int | None], tuple[np.ndarray, np.ndarray]]:
+    """A loader of torchvision's ``cls_name`` (registered as dataset ``name``)."""
+
     def load(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
         from torchvision import datasets
 
@@ -41,11 +44,14 @@ def _torchvision_loader(cls_name: str) -> Callable[[str, Path, bool, int | None]
         try:
             ds = cls(str(root), train=(split == "train"), download=download)
         except RuntimeError as exc:  # torchvision: "Dataset not found. You can use download=True ..."
-            hint = "pass --download to fetch it" if not download else "the download failed (no network?)"
+            # Only `dlpipe train` has --download: evaluate, quantize, finetune and the demo must not advise
+            # "pass --download", nor repeat torchvision's "use download=True" (issue 12).
+            hint = (f"let 'dlpipe train MODEL --dataset {name} --download' fetch it" if not download
+                    else f"the download failed, no network? ({exc})")
             raise DataNotFoundError(
                 f"{cls_name} {split} split not found: looked in '{raw}' for the idx files "
                 f"(train-images-idx3-ubyte, ...); put them there, point --data-dir or DLPIPE_DATA_DIR at the folder "
-                f"that holds '{cls_name}/raw', or {hint} ({exc})") from None
+                f"that holds '{cls_name}/raw', or {hint}") from None
         return ds.data.numpy()[:limit], ds.targets.numpy().astype(np.int64)[:limit]
 
     return load
@@ -135,7 +141,7 @@ DATASETS: dict[str, DatasetInfo] = {
                     _torchvision_loader("MNIST")),
         DatasetInfo("fashion-mnist", 1, (28, 28), (0.2860,), (0.3530,),
                     ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                     "Ankle boot"), _torchvision_loader("FashionMNIST")),
+                     "Ankle boot"), _torchvision_loader("FashionMNIST", "fashion-mnist")),
         DatasetInfo("shapes", 3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes_loader),
         DatasetInfo("shapes-scenes", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("background", *KINDS),
                     _scenes_loader, task="segmentation"),

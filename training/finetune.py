@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
+from dlpipe.runtime.errors import DataNotFoundError, InputError
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import Preprocessing
 from dlpipe.training import data as datasets
@@ -34,10 +33,10 @@ from dlpipe.training.dataset_info import DatasetInfo
 from dlpipe.training.folders import per_class_indices, read_folder
 from dlpipe.training.loop import (EpochHooks, FitState, MetricsLog, build_optimizer, build_scheduler, fit,
                                   init_weights, load_resume, restore, seeded_loader, start_run)
+from dlpipe.training.pretrained import TORCHVISION_PREFIX, load_torchvision
 from dlpipe.training.registry import get_spec
 from dlpipe.training.tasks.classification import METRIC as ACCURACY, train_one_epoch
 
-TORCHVISION_PREFIX = "torchvision:"
 SCHEDULES = ("none", "step", "cosine")  # onecycle would overwrite the per-group learning rates
 # best.pt: the best validation accuracy; among equal ones (small validation sets), the lowest loss
 METRIC = replace(ACCURACY, tiebreak="loss")
@@ -138,43 +137,9 @@ def load_source(text: str, image_size: int | None = None) -> Source:
                   dict(ckpt["dataset"]["preprocessing"]), f"{text} ({spec.name} on {ckpt['dataset']['name']})")
 
 
-def cached_weights_file(url: str) -> Path:
-    """Where ``torch.hub`` keeps the file downloaded from ``url`` (``$TORCH_HOME/hub/checkpoints``)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-
-
 def _torchvision_source(text: str, image_size: int | None) -> Source:
-    import torchvision
-
-    arch, _, weights_name = text[len(TORCHVISION_PREFIX):].partition(":")
-    archs = torchvision.models.list_models(module=torchvision.models)
-    if arch not in archs:
-        raise InputError(f"unknown torchvision classification architecture {arch!r}; for example "
-                         f"{', '.join(a for a in archs if a.startswith(('resnet', 'mobilenet')))}")
-    weights_enum = torchvision.models.get_model_weights(arch)
-    weights_name = weights_name or "DEFAULT"
-    if Path(weights_name).suffix in (".pth", ".pt"):  # a state dict the user saved
-        weights, file = weights_enum.DEFAULT, Path(weights_name)
-        if not file.is_file():
-            raise ModelFileError(f"weights file '{file}' does not exist")
-    else:
-        try:
-            weights = weights_enum[weights_name]
-        except KeyError:
-            known = ", ".join(["DEFAULT", *weights_enum.__members__])
-            raise InputError(f"torchvision has no weights {weights_name!r} for {arch}; choose from {known}") from None
-        file = cached_weights_file(weights.url)
-        if not file.is_file():  # never download: no network must mean a clear error, not a hang
-            raise DataNotFoundError(
-                f"the {weights} weights for {arch} are not in the local torch cache (looked for '{file}'); "
-                f"copy {weights.url} there (or set TORCH_HOME), or pass torchvision:{arch}:FILE.pth")
-    module = torchvision.models.get_model(arch, weights=None, num_classes=len(weights.meta["categories"]))
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        module.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    except Exception as exc:  # unpickling and shape errors come in many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelFileError(f"cannot load '{file}' into torchvision {arch}: {first}") from None
+    found = load_torchvision(text)
+    arch, weights, file, module = found.arch, found.weights, found.file, found.module
     transforms = weights.transforms()
     size = image_size or int(transforms.crop_size[0])
     if size < 8:
@@ -467,12 +432,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     continues from it) and metrics.jsonl under ``cfg.out``.
 
     Returns:
-        Summary: checkpoint paths, accuracy with the head only and after fine-tuning (validation, and test
-        for a registered dataset), per-class accuracy, the history and the command to export.
+        Summary: checkpoint paths; per stage its epochs and best validation accuracy (``stages``); the stage
+        best.pt came from (``best_stage``); the saved model's figures (``after``: best.pt loaded back and
+        scored, validation and, for a registered dataset, test) and the head-only stage's best (``head_only``);
+        per-class accuracy of the saved model, the history and the command to export.
     """
     session = _session(resolve_config(cfg))
     resumed = load_resume(cfg.resume, session.base) if cfg.resume else None
-    state, first, head_only = FitState(), 0, None
+    state, first, head_test = FitState(), 0, None
     if resumed is not None:
         state = FitState(resumed["epoch"], best_score(resumed), list(resumed["history"]))
         session.model.load_state_dict(resumed["state_dict"])
@@ -480,27 +447,67 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         end, state.epoch = first + epochs, max(state.epoch, first)
         if state.epoch < end:
             state = session.run_stage(stage, first, end, how, state, resumed)
-        if stage == "head" and epochs and any(r.get("stage") == "head" for r in state.history):
-            head_only = {"val_acc": [r for r in state.history if r.get("stage") == "head"][-1]["val_acc"]}
-            if session.test_loader is not None:
-                head_only["test_acc"] = score(session.model, session.test_loader, session.data.labels)["acc"]
+            if stage == "head" and session.test_loader is not None:  # best.pt now holds the head stage's best
+                head_test = _score_saved(session, load_checkpoint(session.out / "best.pt"), state.history)
         first = end
-    return _summary(session, state, head_only)
+    return _summary(session, state, head_test)
 
 
-def _summary(session: _Session, state: FitState, head_only: dict[str, float] | None) -> dict[str, Any]:
-    """Score best.pt (test split of a registered dataset, else validation) and describe the run."""
+def stage_results(history: Sequence[dict[str, Any]], stages: Sequence[tuple[str, int]]) -> dict[str, dict[str, Any]]:
+    """Per stage: the epochs asked for and run, and its best validation row (by the rule that picks best.pt:
+    the accuracy, then the lower loss; the earlier epoch among equal ones). A stage that ran no epoch
+    (``--head-epochs 0``, ``--epochs 0``) has ``None`` for its best."""
+    results = {}
+    for name, epochs in stages:
+        rows = [r for r in history if r.get("stage") == name]
+        best = max(rows, key=METRIC.rank, default=None)  # max keeps the first of equal ranks, as fit() does
+        results[name] = {"epochs": epochs, "epochs_run": len(rows), "best_epoch": best and best["epoch"],
+                         "best_val_acc": best and best["val_acc"], "best_val_loss": best and best["val_loss"]}
+    return results
+
+
+def _stage_of(history: Sequence[dict[str, Any]], epoch: int) -> str | None:
+    return next((r.get("stage") for r in history if r["epoch"] == epoch), None)
+
+
+def _score_saved(session: _Session, ckpt: dict[str, Any], history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A checkpoint's weights loaded into a fresh model (as export will load them) and scored on the
+    validation images and the test split where there is one: the figures the saved model really has."""
+    model, labels = model_from_checkpoint(ckpt), session.data.labels
+    scores = {"stage": _stage_of(history, ckpt["epoch"]), "epoch": ckpt["epoch"],
+              "val": score(model, session.val_loader, labels)}
+    scores["test"] = score(model, session.test_loader, labels) if session.test_loader is not None else None
+    return scores
+
+
+def _head_only(stage: dict[str, Any] | None, head_test: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The head-only stage's best validation accuracy (and epoch), with the test accuracy of its weights
+    where best.pt held them right after the stage (None when the stage ran no epoch)."""
+    if not stage or stage["best_epoch"] is None:
+        return None
+    head_only = {"val_acc": stage["best_val_acc"], "epoch": stage["best_epoch"]}
+    if head_test is not None and head_test["test"] is not None and head_test["epoch"] == stage["best_epoch"]:
+        head_only["test_acc"] = head_test["test"]["acc"]
+    return head_only
+
+
+def _summary(session: _Session, state: FitState, head_test: dict[str, Any] | None) -> dict[str, Any]:
+    """Load best.pt back, score it (validation; test split of a registered dataset) and describe the run."""
     cfg, model, out, data = session.cfg, session.model, session.out, session.data
     best = load_checkpoint(out / "best.pt")
-    model.load_state_dict(best["state_dict"])
-    after = {"val_acc": best["metrics"]["val_acc"]}
-    final = score(model, session.val_loader, data.labels)
-    if session.test_loader is not None:
-        final = score(model, session.test_loader, data.labels)
-        after["test_acc"] = final["acc"]
+    saved = _score_saved(session, best, state.history)
+    stages = stage_results(state.history, [(name, epochs) for name, epochs, _ in session.stages()])
+    if saved["stage"] == "head":  # the saved weights are the head stage's best: its test figure is theirs
+        head_test = saved
+    head_only = _head_only(stages.get("head"), head_test)
+    after = {"val_acc": saved["val"]["acc"], "val_loss": saved["val"]["loss"]}
+    final = saved["test"] or saved["val"]
+    if saved["test"] is not None:
+        after.update(test_acc=final["acc"], test_loss=final["loss"])
         best["metrics"].update(test_acc=final["acc"], test_loss=final["loss"])
     if head_only is not None:
-        best["metrics"].update({f"head_only_{k}": v for k, v in head_only.items()})
+        best["metrics"].update({f"head_only_{k}": v for k, v in head_only.items() if k != "epoch"})
+    best["stage"] = saved["stage"]
     save_checkpoint(best, out / "best.pt")
     head = session.head
     return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(session.log.path),
@@ -510,7 +517,51 @@ def _summary(session: _Session, state: FitState, head_only: dict[str, float] | N
             "frozen_layers": state.history[-1]["frozen_layers"] if state.history else 0,
             "images": {"train": len(data.train[1]), "val": len(data.val[1]),
                        "test": len(data.test[1]) if data.test is not None else None},
-            "head_only": head_only, "after": after, "best_epoch": best["epoch"], "metric": "val_acc",
+            "stages": stages, "best_stage": saved["stage"], "best_epoch": best["epoch"],
+            "head_only": head_only, "after": after, "metric": "val_acc",
             "best_val_score": state.best, "per_class_split": "test" if session.test_loader is not None else "val",
             "per_class_accuracy": final["per_class"], "history": state.history,
             "export_command": f"dlpipe export {out / 'best.pt'} --out {out / 'model.onnx'}"}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+STAGE_NAMES = {"head": "head-only", "finetune": "fine-tuning", "full": "from-scratch"}
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """What ``dlpipe finetune`` prints: one row per stage (its best validation accuracy and epoch), then
+    the stage best.pt came from and the figures of best.pt itself (loaded back and scored), so no figure
+    is shown that the saved model does not have; the per-class accuracy, the checkpoint and what next."""
+    r, stages, split = summary, summary["stages"], summary["per_class_split"]
+    rows = [["stage", "epochs", "best val acc", "at epoch"]]
+    rows += [[STAGE_NAMES.get(name, name), f"{s['epochs_run']}/{s['epochs']}" if s["epochs"] else "0 (skipped)",
+              _percent(s["best_val_acc"]), str(s["best_epoch"] or "-")] for name, s in stages.items()]
+    after, origin = r["after"], STAGE_NAMES.get(r["best_stage"], r["best_stage"])
+    saved = (f"best.pt: {f'from the {origin} stage ' if origin else ''}(epoch {r['best_epoch']}), "
+             f"val {_percent(after['val_acc'])}"
+             + (f", test {_percent(after['test_acc'])}" if "test_acc" in after else "")
+             + " (best.pt loaded back and scored)")
+    tuned = stages.get("finetune")
+    if r["best_stage"] == "head" and tuned and tuned["epochs_run"]:
+        saved += (f"\nthe fine-tuning stage never beat the head-only stage (its best val "
+                  f"{_percent(tuned['best_val_acc'])}): best.pt holds the head-only weights")
+    text = (f"{r['source']} -> {len(r['labels'])} classes of {r['dataset']} ({r['images']['train']} training, "
+            f"{r['images']['val']} validation images; head '{r['head']}', {r['frozen_layers']} of "
+            f"{r['backbone_layers']} backbone layers frozen)\n" + "\n".join(_aligned(rows)) + f"\n{saved}\n\n"
+            f"per-class {split} accuracy of best.pt:\n"
+            + "\n".join(_aligned([["class", "accuracy"]]
+                                 + [[k, _percent(v)] for k, v in r["per_class_accuracy"].items()]))
+            + f"\n\ncheckpoint: {r['best']}\nnext: {r['export_command']}")
+    if Path(r["dataset"]).is_dir():  # quantize and evaluate default to the model's dataset: this folder
+        text += "\nthen: dlpipe quantize MODEL.onnx --to int8; dlpipe evaluate MODEL.onnx --dataset HELD_OUT_FOLDER"
+    return text

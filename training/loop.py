@@ -60,11 +60,17 @@ class TrainConfig:
     batch_norm: bool | None = None
     """Insert batch normalisation; the model's own default when None."""
     model_args: dict[str, Any] | None = None
-    """More keyword arguments for the model's builder (e.g. ``{"widths": [32, 64, 96, 128, 192]}``)."""
-    schedule: str = "none"
-    """Learning-rate schedule: none, step (x0.1 at 1/2 and 3/4), cosine or onecycle (per step)."""
-    augment: str = "none"
-    """Augmentation: none, shift, affine (shift+rotation+scale), crop or flip."""
+    """More keyword arguments for the model's builder (e.g. ``{"widths": [32, 64, 96, 128, 192]}``), over the
+    recipe's."""
+    schedule: str | None = None
+    """Learning-rate schedule: none, step (x0.1 at 1/2 and 3/4), cosine or onecycle (per step); the recipe's
+    when None."""
+    augment: str | None = None
+    """Augmentation: none, shift, affine (shift+rotation+scale), crop or flip; the recipe's when None."""
+    label_smoothing: float | None = None
+    """Cross-entropy label smoothing of classifiers (0: none); the recipe's when None."""
+    recipe: str = "default"
+    """The model's named recipe that fills the fields left None (``default``, ``quick``...)."""
     val_fraction: float = 0.1
     """Share of the training split held out for validation and best-checkpoint selection."""
     patience: int = 0
@@ -114,15 +120,17 @@ class Metric:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Fill ``None`` fields from the model's recipe and validate the names and numbers (the task checks
-    its dataset and what it supports when it prepares the data)."""
+    """Fill ``None`` fields from the model's recipe (``cfg.recipe``, with the dataset's override) and validate
+    the names and numbers (the task checks its dataset and what it supports when it prepares the data).
+    Explicit values win field by field; the recipe's model arguments are merged under the user's."""
     spec = get_spec(cfg.model)
-    r = spec.recipe
     out = TrainConfig(**asdict(cfg))
     out.dataset = cfg.dataset or spec.default_dataset
-    for name in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "init"):
+    recipe = spec.recipe_for(out.dataset, cfg.recipe)
+    for name, value in recipe.items():
         if getattr(out, name) is None:
-            setattr(out, name, getattr(r, name))
+            setattr(out, name, value)
+    out.model_args = {**recipe["model_args"], **(cfg.model_args or {})} or None
     for value, choices, what in [(out.optimizer, OPTIMIZERS, "optimizer"), (out.init, INITS, "init"),
                                  (out.schedule, SCHEDULES, "schedule"),
                                  (out.augment, datasets.AUGMENTATIONS, "augmentation")]:
@@ -130,6 +138,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             raise InputError(f"unknown {what} {value!r}; choose from {', '.join(choices)}")
     if out.epochs < 1 or out.batch_size < 1 or out.lr <= 0:
         raise InputError("epochs and batch size must be positive and the learning rate above zero")
+    if not 0 <= out.label_smoothing < 1:
+        raise InputError(f"label smoothing must be in [0, 1), got {out.label_smoothing}")
     if not 0 < out.val_fraction < 1:
         raise InputError(f"val_fraction must be between 0 and 1, got {out.val_fraction}")
     check_model_args(spec, out.model_args)
@@ -308,6 +318,8 @@ def fit(out: Path, base: dict[str, Any], model: nn.Module, optimizer: torch.opti
         The state after the last epoch run (``epoch`` is the number of epochs done).
     """
     metric, stale = f"val_{hooks.metric.key}", 0
+    if state.best_rank is None and any(metric in r for r in state.history):  # resumed: rank ties as before
+        state.best_rank = max(hooks.metric.rank(r) for r in state.history if metric in r)
     bar = tqdm(total=images_per_epoch * max(0, end_epoch - state.epoch), unit="img", disable=not progress, desc=desc,
                dynamic_ncols=True)
     while state.epoch < end_epoch:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dlpipe.runtime.errors import InputError, ModelFileError
+from dlpipe.runtime.errors import InputError, UsageError
 from dlpipe.runtime.files import atomic_output
 from dlpipe.runtime.policy import Policy
 from dlpipe.runtime.predictors import load
@@ -52,8 +52,9 @@ def _render(env, env_id: str) -> np.ndarray:
 
     try:
         return env.render()
-    except DependencyNotInstalled as exc:
-        raise InputError(f"recording {env_id} needs pygame ({str(exc).splitlines()[0]})") from None
+    except DependencyNotInstalled:  # its advice names gymnasium's extra; dlpipe's own is the one to install
+        raise InputError(f"recording {env_id} needs pygame, which the base install lacks: "
+                         'pip install "dlpipe[render]"') from None
 
 
 def play(model: str | Path, env_id: str | None = None, *, episodes: int = 10, seed: int = 0, epsilon: float = 0.0,
@@ -68,13 +69,14 @@ def play(model: str | Path, env_id: str | None = None, *, episodes: int = 10, se
         record: Write the first episode as an animated GIF here (every ``record_every``-th frame).
 
     Raises:
-        ModelFileError: not a DQN policy. InputError / UnknownEnvironmentError: bad environment.
+        UsageError: not a DQN policy. InputError / UnknownEnvironmentError: bad environment.
+        ModelFileError: a missing or unreadable model file.
     """
     if episodes < 1:
         raise InputError(f"episodes must be at least 1, got {episodes}")
     policy = load(model, device=device)
     if not isinstance(policy, Policy):
-        raise ModelFileError(f"'{model}' is a {policy.info.task} model, not a DQN policy")
+        raise UsageError(f"'{model}' is a {policy.info.task} model, not a DQN policy")
     env_id = env_id or policy.env_id
     if record and Path(record).suffix.lower() != ".gif":
         raise InputError(f"--record must name a .gif file, got '{record}'")

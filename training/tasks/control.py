@@ -42,9 +42,11 @@ TASK = Task(
                                     agreement_name="agreement on decisive actions",
                                     keep_fp32_nodes=dqn.int8_fp32_nodes, bias_correct_output=True),
     evaluate=evaluate_onnx, predictor=Policy,
-    report=lambda r: f"mean return {r['mean_return']:.1f} ± {r['std_return']:.1f} over {r['episodes']} episodes",
+    report=lambda r: (f"mean return {r['mean_return']:.1f} ± {r['std_return']:.1f} over {r['episodes']} "
+                      f"episode{'s' * (r['episodes'] != 1)}"),
     demo=DemoRow(model="dqn-cartpole", options=dict(total_steps=8000, eval_interval=2000),
                  quick=dict(total_steps=2000, eval_interval=500), app=("play", "{model}", "--episodes", "2"),
-                 describe=lambda r: f"played {r['episodes']} episodes ({r['mean_return']:.0f} return)",
+                 describe=lambda r: (f"played {r['episodes']} episode{'s' * (r['episodes'] != 1)} "
+                                     f"({r['mean_return']:.0f} return)"),
                  # near-tie Q-values make argmax agreement a poor gate for policies; the return is the check
                  quantize={"calibration_size": 256, "min_agreement": 0.0, "check_size": 512}, evaluate_limit=5))
