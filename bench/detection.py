@@ -33,10 +33,11 @@ from dlpipe.runtime.benchmark import measure_interleaved  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from dlpipe.training.data import load_split, to_nchw  # noqa: E402
+from dlpipe.training.registry import get_spec  # noqa: E402
 from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
 from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
-RECIPE = dict(model="rcnn", epochs=12, batch_size=16, lr=2e-3, optimizer="adam", schedule="onecycle", seed=0)
+MODEL = "rcnn"  # trained with its registered recipe, what `dlpipe train rcnn` runs (issue 19)
 TARGET_MAP50 = {"shapes-boxes": 0.90, "mnist-boxes": 0.85}
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="work folder (default runs/bench_rcnn[_digits])")
     p.add_argument("--checkpoint", default=None, help="reuse a trained checkpoint instead of training")
-    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--latency-threads", default="1,0",
@@ -91,7 +92,7 @@ def main() -> None:
     ckpt, train_seconds = args.checkpoint, None
     if ckpt is None:
         start = time.perf_counter()
-        ckpt = train(TrainConfig(**{**RECIPE, "epochs": args.epochs}, dataset=args.dataset, data_dir=args.data_dir,
+        ckpt = train(TrainConfig(model=MODEL, epochs=args.epochs, dataset=args.dataset, data_dir=args.data_dir,
                                  threads=args.threads, out=str(out / "train")))["best"]
         train_seconds = time.perf_counter() - start
     stored = load_checkpoint(ckpt)
@@ -130,7 +131,9 @@ def main() -> None:
     for target, ok in targets.items():
         print(f"{'PASS' if ok else 'FAIL'}  {target}")
     path = write_result(name, {
-        "recipe": RECIPE | {"epochs": args.epochs, "dataset": stored["dataset"]["name"]}, "checkpoint": str(ckpt),
+        "recipe": get_spec(MODEL).recipe_for(stored["dataset"]["name"])
+                  | {k: v for k, v in stored.get("config", {}).items() if k in ("epochs", "seed", "recipe")},
+        "checkpoint": str(ckpt),
         "training": {"seconds": train_seconds, "epoch": stored.get("epoch"), "metrics": stored.get("metrics")},
         "test_images": evals["fp32"]["images"], "objects": evals["fp32"]["objects"], "map50": map50,
         "map": {k: e["map"] for k, e in evals.items()}, "points_lost": points, "agreement_with_fp32": agreement,

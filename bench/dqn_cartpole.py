@@ -34,9 +34,12 @@ from dlpipe.export.quantize import QuantizationConfig, quantize  # noqa: E402
 from dlpipe.runtime import load  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from dlpipe.training.dqn import DQNConfig, greedy_action, record_observations, run_episodes, train  # noqa: E402
+from dlpipe.training.dqn import (DQNConfig, greedy_action, record_observations, resolve_config,  # noqa: E402
+                                 run_episodes, train)
 
-ENV = "CartPole-v1"
+# the registered recipe (rl-baselines3-zoo's), what `dlpipe train dqn-cartpole` runs (issue 19)
+RECIPE = resolve_config(DQNConfig(model="dqn-cartpole"))
+ENV = RECIPE.env
 EVAL_SEED = 100_000  # evaluation episodes: seeds 100000.., never used during training
 
 
@@ -95,7 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_dqn")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--total-steps", type=int, default=50_000)
+    p.add_argument("--total-steps", type=int, default=RECIPE.total_steps, help="default: the recipe's")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--observations", type=int, default=10_000)
     p.add_argument("--reuse", action="store_true", help="reuse OUT/seedN/best.pt when it exists")

@@ -29,44 +29,46 @@ from dlpipe.runtime import Engine  # noqa: E402
 from dlpipe.runtime.benchmark import measure_interleaved  # noqa: E402
 from dlpipe.runtime.formats import variant_path  # noqa: E402
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from dlpipe.training.registry import get_spec  # noqa: E402
 from dlpipe.export.evaluate import evaluate_onnx  # noqa: E402
 from dlpipe.training.train import TrainConfig, train  # noqa: E402
 
-RECIPE = dict(model="fcn2s", fusion="conv", batch_size=32, lr=3e-3, optimizer="adam", schedule="onecycle",
-              batch_norm=True, seed=0)
-# shapes-scenes has 27,000 generated scenes (24,300 for training), mnist-scenes 6,000 (5,400)
-EPOCHS = {"shapes-scenes": 6, "mnist-scenes": 20}
+# the recipe (optimizer, schedule, batch norm, fusion, epochs per dataset: shapes-scenes has 27,000 generated
+# scenes, mnist-scenes 6,000) is the registry's, what `dlpipe train fcn2s` runs (issue 19)
+MODEL = "fcn2s"
+FUSION = get_spec(MODEL).recipe.model_args["fusion"]
 TARGET_MIOU = {"shapes-scenes": 0.90, "mnist-scenes": 0.80}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="shapes-scenes", choices=sorted(TARGET_MIOU))
-    p.add_argument("--model", default=RECIPE["model"], help="fcn32s, fcn16s, fcn8s, fcn4s or fcn2s")
-    p.add_argument("--fusion", default=RECIPE["fusion"], choices=["sum", "conv"],
+    p.add_argument("--model", default=MODEL, help="fcn32s, fcn16s, fcn8s, fcn4s or fcn2s")
+    p.add_argument("--fusion", default=FUSION, choices=["sum", "conv"],
                    help="skip fusion: sum (the FCN paper's) or conv (decoder features, 3x3 conv)")
     p.add_argument("--decoder-width", type=int, default=None, help="conv fusion: decoder channels (model default 32)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--augment", default="none", help="none, flip, shift, affine or crop (image and mask together)")
+    p.add_argument("--augment", default=None,
+                   help="none, flip, shift, affine or crop (image and mask together; default: the recipe's)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: all cores)")
     p.add_argument("--out", default=None, help="work folder (default runs/bench_fcn[_digits])")
     p.add_argument("--checkpoint", default=None, help="reuse a trained checkpoint instead of training")
-    p.add_argument("--epochs", type=int, default=None, help="default: 6 on shapes-scenes, 20 on mnist-scenes")
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (6 on shapes-scenes, 20 on "
+                                                            "mnist-scenes)")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--json", default=None, help="result file (default bench/results/segmentation.json)")
     args = p.parse_args()
-    args.epochs = args.epochs or EPOCHS[args.dataset]
+    recipe = get_spec(args.model).recipe_for(args.dataset)
+    args.epochs = args.epochs or recipe["epochs"]
     model_args = {"fusion": args.fusion} | ({"decoder_width": args.decoder_width} if args.decoder_width else {})
-    suffix = "" if (args.model, args.fusion) == (RECIPE["model"], RECIPE["fusion"]) else f"_{args.model}_{args.fusion}"
+    suffix = "" if (args.model, args.fusion) == (MODEL, FUSION) else f"_{args.model}_{args.fusion}"
     out = Path(args.out or ("runs/bench_fcn" if args.dataset == "shapes-scenes" else "runs/bench_fcn_digits") + suffix)
     ckpt, train_seconds = args.checkpoint, None
     if ckpt is None:
         start = time.perf_counter()
-        recipe = {k: v for k, v in RECIPE.items() if k != "fusion"}
-        ckpt = train(TrainConfig(**{**recipe, "epochs": args.epochs, "model": args.model}, model_args=model_args,
-                                 dataset=args.dataset,
-                                 data_dir=args.data_dir,
-                                 augment=args.augment, threads=args.threads, out=str(out / "train")))["best"]
+        ckpt = train(TrainConfig(model=args.model, dataset=args.dataset, epochs=args.epochs, model_args=model_args,
+                                 data_dir=args.data_dir, augment=args.augment, threads=args.threads,
+                                 out=str(out / "train")))["best"]
         train_seconds = time.perf_counter() - start
     stored = load_checkpoint(ckpt)
     fp32 = out / f"{stored['model']}.onnx"
@@ -110,10 +112,10 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     fusion = stored["model_args"].get("fusion", "sum")
     name = ("segmentation" if stored["dataset"]["name"] == "shapes-scenes" else "segmentation_digits") + (
-        "" if (stored["model"], fusion) == (RECIPE["model"], RECIPE["fusion"]) else f"_{stored['model']}_{fusion}")
+        "" if (stored["model"], fusion) == (MODEL, FUSION) else f"_{stored['model']}_{fusion}")
     config = stored.get("config", {})
     path = write_result(name, {
-        "recipe": RECIPE | {k: config[k] for k in ("epochs", "batch_size", "lr", "augment") if k in config}
+        "recipe": recipe | {k: config[k] for k in ("epochs", "batch_size", "lr", "augment", "recipe") if k in config}
                   | {"dataset": stored["dataset"]["name"], "model": stored["model"], "fusion": fusion,
                      "model_args": stored["model_args"]},
         "checkpoint": str(ckpt),

@@ -29,9 +29,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return get_task(get_spec(cfg.model).task).train(cfg)
 
 
-def train_command(model: str, progress: bool = True, **options: Any) -> tuple[dict[str, Any], str]:
+def train_command(model: str, progress: bool = True, recipe: str = "default", **options: Any
+                  ) -> tuple[dict[str, Any], str]:
     """``dlpipe train MODEL [options]``: the task's own command (a dataset or an environment) and what it
-    prints. Options its task does not take are refused by name."""
-    task = get_task(get_spec(model).task)
-    result = task.command(model, progress=progress, **options)
-    return result, task.summary(result)
+    prints. Options its task does not take are refused by name; options not given come from the model's
+    ``recipe`` (``default``: what its benchmark measured).
+
+    Raises:
+        UsageError: ``recipe`` is not one of the model's recipes.
+    """
+    spec = get_spec(model)
+    spec.recipe.settings(recipe=recipe)  # an unknown recipe is refused before any data is read
+    task = get_task(spec.task)
+    result = task.command(model, progress=progress, recipe=recipe, **options)
+    result["recipe"] = recipe
+    measured = f", as measured by {spec.recipe.benchmark}" if recipe == "default" and spec.recipe.benchmark else ""
+    return result, f"{task.summary(result)}\nrecipe: {recipe}{measured}"

@@ -161,12 +161,23 @@ def resnet_small(*, in_channels: int, image_size: Sequence[int], num_classes: in
     return ResNetSmall(in_channels, num_classes, widths, blocks_per_stage, batch_norm)
 
 
+QUICK = {"quick": {"epochs": 2}}  # a smoke run
+# bench/mnist_accuracy.py's recipe (99.57% ± 0.04 on the MNIST test set over seeds 0-2, issue 19): the plain
+# `dlpipe train deep_convnet` runs it (issue 19). `quick` is a smoke run; `long` adds label smoothing and a
+# longer schedule, a candidate for issue 19's 99.6% that no benchmark has measured yet.
+DEEP_CONVNET_RECIPE = TrainRecipe(optimizer="adam", lr=1e-3, epochs=20, batch_size=128, schedule="cosine",
+                                  augment="affine", init="he", benchmark="bench/mnist_accuracy.py",
+                                  variants={"quick": {"epochs": 2, "augment": "none"},
+                                            "long": {"epochs": 40, "label_smoothing": 0.1}})
+
 for _name, _builder, _recipe, _description in [
-    ("dmlp", dmlp, TrainRecipe(optimizer="adam", lr=1e-3, epochs=10), "deep MLP (3 hidden layers, ReLU, dropout)"),
-    ("lenet5", lenet5, TrainRecipe(optimizer="adam", lr=1e-3, epochs=10), "LeNet-5 (C-P-C-P-C, F6, output)"),
-    ("deep_convnet", deep_convnet, TrainRecipe(optimizer="adam", lr=1e-3, epochs=15),
-     "VGG-style deep CNN from the textbook (99.38% on MNIST)"),
-    ("resnet_small", resnet_small, TrainRecipe(optimizer="momentum", lr=0.05, epochs=10, weight_decay=5e-4),
+    ("dmlp", dmlp, TrainRecipe(optimizer="adam", lr=1e-3, epochs=10, variants=QUICK),
+     "deep MLP (3 hidden layers, ReLU, dropout)"),
+    ("lenet5", lenet5, TrainRecipe(optimizer="adam", lr=1e-3, epochs=10, variants=QUICK),
+     "LeNet-5 (C-P-C-P-C, F6, output)"),
+    ("deep_convnet", deep_convnet, DEEP_CONVNET_RECIPE, "VGG-style deep CNN from the textbook (99.38% on MNIST)"),
+    ("resnet_small", resnet_small, TrainRecipe(optimizer="momentum", lr=0.05, epochs=10, weight_decay=5e-4,
+                                               variants=QUICK),
      "small ResNet, 3 stages of residual blocks"),
 ]:
     register_model(ModelSpec(name=_name, task="classification", builder=_builder, default_dataset="mnist",

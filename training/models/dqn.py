@@ -70,7 +70,9 @@ def dqn_nature_cnn(*, observation_shape: Sequence[int], num_actions: int, scale:
 
 register_model(ModelSpec(
     name="dqn-cartpole", task="control", builder=dqn_mlp, default_dataset="CartPole-v1", contract=CONTRACT,
-    recipe=TrainRecipe(optimizer="adam", lr=2.3e-3, epochs=1, batch_size=64, init="default"),
+    # the step loop's settings (environment, steps, replay...) are dlpipe.training.dqn.RECIPES'
+    recipe=TrainRecipe(optimizer="adam", lr=2.3e-3, epochs=1, batch_size=64, init="default",
+                       benchmark="bench/dqn_cartpole.py"),
     description="DQN MLP Q-network (256-256) for vector observations, CartPole-v1 by default"))
 
 register_model(ModelSpec(

@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from torch import nn
+
+from dlpipe.runtime.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,33 @@ class OnnxContract:
         return 2 in first and 3 in first
 
 
+# the settings a recipe holds: the :class:`TrainRecipe` fields a run takes (TrainConfig has each of them)
+RECIPE_FIELDS = ("optimizer", "lr", "epochs", "batch_size", "weight_decay", "init", "schedule", "augment",
+                 "label_smoothing", "batch_norm", "model_args")
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
-    """Default hyper-parameters used by ``dlpipe train`` when the user does not override them."""
+    """How ``dlpipe train MODEL`` trains when no flag says otherwise: the recipe its benchmark measured
+    (issue 19), so the plain command reaches the figure the README quotes.
+
+    Attributes:
+        optimizer: Optimizer name (``dlpipe.training.loop.OPTIMIZERS``).
+        lr: Peak learning rate.
+        epochs: Number of epochs.
+        batch_size: Mini-batch size.
+        weight_decay: L2 weight decay.
+        init: Weight initialisation (default, he, xavier or lecun).
+        schedule: Learning-rate schedule (none, step, cosine or onecycle).
+        augment: Training augmentation (``dlpipe.training.data.AUGMENTATIONS``).
+        label_smoothing: Cross-entropy label smoothing of classifiers (0: none).
+        batch_norm: Insert batch normalisation; the builder's own default when None.
+        model_args: More builder keyword arguments.
+        datasets: Per-dataset overrides of the fields above (``{"fashion-mnist": {"epochs": 30}}``).
+        variants: Named recipes (``dlpipe train MODEL --recipe NAME``), each a set of overrides applied
+            over the default and the dataset's override; ``default`` always exists.
+        benchmark: The bench script (and result file) that measured the default recipe.
+    """
 
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -49,6 +75,41 @@ class TrainRecipe:
     batch_size: int = 128
     weight_decay: float = 0.0
     init: str = "he"
+    schedule: str = "none"
+    augment: str = "none"
+    label_smoothing: float = 0.0
+    batch_norm: bool | None = None
+    model_args: Mapping[str, Any] = field(default_factory=dict)
+    datasets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    benchmark: str = ""
+
+    def __post_init__(self) -> None:
+        for where, overrides in [*(("dataset " + k, v) for k, v in self.datasets.items()),
+                                 *(("recipe " + k, v) for k, v in self.variants.items())]:
+            unknown = sorted(set(overrides) - set(RECIPE_FIELDS))
+            if unknown:
+                raise ValueError(f"{where} sets {', '.join(unknown)}, which a recipe does not hold")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The recipe names ``--recipe`` takes: ``default`` and the named variants."""
+        return ("default", *(k for k in self.variants if k != "default"))
+
+    def settings(self, dataset: str | None = None, recipe: str = "default") -> dict[str, Any]:
+        """The training settings of ``recipe`` on ``dataset``: the default < the dataset's override < the
+        named variant (so ``quick`` stays quick on every dataset).
+
+        Raises:
+            UsageError: ``recipe`` is not one of :attr:`names`.
+        """
+        if recipe not in self.names:
+            raise UsageError(f"unknown recipe {recipe!r}; choose from {', '.join(self.names)}")
+        out = {name: getattr(self, name) for name in RECIPE_FIELDS}
+        for overrides in (self.datasets.get(dataset or "", {}), self.variants.get(recipe, {})):
+            out.update(overrides)
+        out["model_args"] = dict(out["model_args"] or {})
+        return out
 
 
 @dataclass(frozen=True)
@@ -74,6 +135,14 @@ class ModelSpec:
     recipe: TrainRecipe = field(default_factory=TrainRecipe)
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    def recipe_for(self, dataset: str | None = None, recipe: str = "default") -> dict[str, Any]:
+        """``TrainConfig`` keyword arguments of the named recipe on ``dataset`` (the model's default dataset
+        when None): what ``dlpipe train MODEL [--dataset D] [--recipe R]`` runs with no other flag, and
+        what the benchmark scripts train with."""
+        dataset = dataset or self.default_dataset
+        return {"model": self.name, "dataset": dataset, "recipe": recipe,
+                **self.recipe.settings(dataset, recipe)}
 
     def build(self, **model_args: Any) -> nn.Module:
         """Build the module from stored or fresh model arguments."""

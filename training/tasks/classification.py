@@ -30,9 +30,11 @@ METRIC = Metric("acc", "accuracy", (("loss", "val_loss"), ("acc", "val_acc")))
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler=None,
-                    progress: tqdm | None = None, frozen: Sequence[nn.Module] = ()) -> dict[str, float]:
+                    progress: tqdm | None = None, frozen: Sequence[nn.Module] = (), label_smoothing: float = 0.0
+                    ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy (per image, or per pixel) and samples per second.
-    ``frozen`` modules stay in eval mode (fine-tuning: their batch-norm statistics do not move)."""
+    ``frozen`` modules stay in eval mode (fine-tuning: their batch-norm statistics do not move);
+    ``label_smoothing`` softens the training targets (Szegedy et al., 2016; validation loss stays plain)."""
     model.train()
     for m in frozen:
         m.eval()
@@ -40,7 +42,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     start = time.perf_counter()
     for images, labels in loader:
         logits = model(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -113,7 +115,8 @@ def prepare_images(cfg: TrainConfig, spec: ModelSpec, dense: bool = False) -> Ta
         return evaluate(model, seeded_loader(test_ds, 512, False, cfg.seed, datasets.batch_collate), iou=dense)
 
     return TaskRun(model_args, train_loader, len(train_ds),
-                   train_epoch=lambda model, opt, sched, bar: train_one_epoch(model, train_loader, opt, sched, bar),
+                   train_epoch=lambda model, opt, sched, bar: train_one_epoch(
+                       model, train_loader, opt, sched, bar, label_smoothing=cfg.label_smoothing or 0.0),
                    validate=lambda model: evaluate(model, val_loader, iou=dense), test=test,
                    examples=torch.stack([val_ds[i][0] for i in range(min(cfg.examples, len(val_ds)))]),
                    dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()})
