@@ -1,0 +1,102 @@
+"""``dlpipe export-repo``: a model repository that NVIDIA Triton's onnxruntime backend (and KServe) loads as
+it is, and that ``dlpipe serve`` reads too: ``<out>/<name>/1/model.onnx`` (the dlpipe metadata stays inside
+the ONNX file), ``<out>/<name>/config.pbtxt`` (Triton's model configuration), ``<out>/<name>/config.json``
+(dlpipe's serving settings) and, for a classifier, ``<out>/<name>/labels.txt``.
+
+Triton's rules followed here: with ``max_batch_size > 0`` the dims leave out the batch axis, which the
+model must have as its dynamic first axis; a model without one (the detector) gets ``max_batch_size: 0``
+and no ``dynamic_batching``. See triton-inference-server/server docs/user_guide/model_configuration.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from dlpipe.apps.serve.repository import CONFIG_FILE, MODEL_FILE, ModelSettings
+from dlpipe.runtime.engine import Engine
+from dlpipe.runtime.errors import ModelFileError, UsageError
+
+# onnxruntime type -> Triton data type
+TRITON_TYPES = {"tensor(bool)": "TYPE_BOOL", "tensor(uint8)": "TYPE_UINT8", "tensor(uint16)": "TYPE_UINT16",
+                "tensor(uint32)": "TYPE_UINT32", "tensor(uint64)": "TYPE_UINT64", "tensor(int8)": "TYPE_INT8",
+                "tensor(int16)": "TYPE_INT16", "tensor(int32)": "TYPE_INT32", "tensor(int64)": "TYPE_INT64",
+                "tensor(float16)": "TYPE_FP16", "tensor(float)": "TYPE_FP32", "tensor(double)": "TYPE_FP64",
+                "tensor(string)": "TYPE_STRING"}
+# task -> the index of the output whose last axis the labels name (Triton's classification extension)
+LABELLED_OUTPUT = {"classification": 0}
+LABELS_FILE = "labels.txt"
+KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
+
+
+def _dims(shape: list, batched: bool) -> list[int]:
+    dims = [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+    return dims[1:] if batched else dims
+
+
+def _tensor(kind: str, spec, batched: bool, labels: bool) -> str:
+    if spec.type not in TRITON_TYPES:
+        raise ModelFileError(f"{kind} '{spec.name}' has type {spec.type}, which Triton cannot take")
+    extra = f'\n    label_filename: "{LABELS_FILE}"' if labels else ""
+    return (f"  {{\n    name: {json.dumps(spec.name)}\n    data_type: {TRITON_TYPES[spec.type]}\n"
+            f"    dims: {_dims(spec.shape, batched)}{extra}\n  }}")
+
+
+def batch_axis(engine: Engine) -> bool:
+    """Whether every input and output has a dynamic first axis, which Triton can batch on."""
+    return all(s.shape and not isinstance(s.shape[0], int) for s in [*engine.inputs, *engine.outputs])
+
+
+def config_pbtxt(name: str, engine: Engine, settings: ModelSettings, device: str) -> str:
+    """Triton's ``config.pbtxt`` for the ONNX model of ``engine``."""
+    batched = settings.max_batch_size > 0 and batch_axis(engine)
+    labelled = LABELLED_OUTPUT.get(engine.info.task) if engine.info and engine.info.labels else None
+    inputs = ",\n".join(_tensor("input", s, batched, False) for s in engine.inputs)
+    outputs = ",\n".join(_tensor("output", s, batched, i == labelled) for i, s in enumerate(engine.outputs))
+    lines = [f"name: {json.dumps(name)}", 'platform: "onnxruntime_onnx"',
+             f"max_batch_size: {settings.max_batch_size if batched else 0}",
+             f"input [\n{inputs}\n]", f"output [\n{outputs}\n]",
+             f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: {KINDS[device]}\n  }}\n]"]
+    if batched:
+        preferred = f"\n  preferred_batch_size: {list(settings.preferred_batch_size)}" if settings.preferred_batch_size else ""
+        lines.append(f"dynamic_batching {{{preferred}\n  max_queue_delay_microseconds: "
+                     f"{round(settings.max_queue_delay_ms * 1000)}\n}}")
+    return "\n".join(lines) + "\n"
+
+
+def export_repository(models: list[str | Path], out: str | Path, settings: ModelSettings, device: str = "cpu",
+                      overwrite: bool = False) -> list[dict]:
+    """Write the repository for ``models`` (dlpipe ONNX files) under ``out``; one row per model.
+
+    Raises:
+        UsageError: an unknown device, a model named twice, or a model folder that exists (without ``overwrite``).
+        ModelFileError: a file that is not a loadable ONNX model.
+    """
+    if device not in KINDS:
+        raise UsageError(f"device must be one of {', '.join(KINDS)}, got {device!r}")
+    names = [Path(m).stem for m in models]
+    if len(set(names)) != len(names):
+        raise UsageError(f"two models would share a name in the repository: {names}")
+    rows = []
+    for model, name in zip(map(Path, models), names):
+        if model.is_dir():
+            raise ModelFileError(f"'{model}' is a folder; Triton's onnxruntime backend serves single ONNX files")
+        folder = Path(out) / name
+        if folder.exists() and not overwrite:
+            raise UsageError(f"'{folder}' already exists; pass --overwrite to replace it")
+        engine = Engine(model, device="cpu", graph_optimization="disable")
+        batched = settings.max_batch_size > 0 and batch_axis(engine)
+        text = config_pbtxt(name, engine, settings, device)
+        (folder / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model, folder / "1" / MODEL_FILE)
+        (folder / "config.pbtxt").write_text(text)
+        if engine.info and engine.info.labels and LABELLED_OUTPUT.get(engine.info.task) is not None:
+            (folder / LABELS_FILE).write_text("\n".join(engine.info.labels) + "\n")
+        dlpipe_settings = {"max_batch_size": settings.max_batch_size if batched else 0,
+                           "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": settings.instances,
+                           "preferred_batch_size": list(settings.preferred_batch_size), "device": device}
+        (folder / CONFIG_FILE).write_text(json.dumps(dlpipe_settings, indent=2) + "\n")
+        rows.append({"model": name, "folder": str(folder), "max_batch_size": dlpipe_settings["max_batch_size"],
+                     "task": engine.info.task if engine.info else None})
+    return rows
