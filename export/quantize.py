@@ -7,20 +7,23 @@ metadata and is checked against fp32 on real inputs."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from dlpipe.export.metadata import read_metadata, write_metadata
 from dlpipe.runtime.captioner import is_package, read_manifest
-from dlpipe.runtime.engine import Engine
+from dlpipe.runtime.engine import GRAPH_OPTIMIZATION, Engine
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
 from dlpipe.runtime.files import atomic_output, write_json
 from dlpipe.runtime.formats import QUANTIZED, variant_path
@@ -28,10 +31,30 @@ from dlpipe.runtime.predictors import load
 from dlpipe.training.tasks import QuantizationPolicy, Task, get_task
 from dlpipe.training.tasks.common import load_images_for
 
-__all__ = ["QuantizationConfig", "QuantizeReport", "QuantizationError", "quantize", "load_images_for"]
+__all__ = ["QuantizationConfig", "QuantizeReport", "QuantizationError", "quantize", "load_images_for",
+           "optimized_op_counts", "conv_kernels", "INT8_FORMATS", "FORMATS"]
 
 METHODS = ("static", "dynamic")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# The static int8 formats onnxruntime builds, in order of preference: format -> (QuantFormat, activation type);
+# weights are int8 (per-channel unless asked otherwise). On this AVX-512 VNNI CPU onnxruntime fuses U8S8 QDQ and
+# QOperator convolutions alike into QLinearConv but leaves S8S8 QDQ depthwise convolutions unfused (issue 17:
+# MobileNetV2 37 of 52 fused, 0.7-0.9x fp32), so which one wins is measured per model (``auto``).
+INT8_FORMATS = {"qdq-u8s8": ("QDQ", "QUInt8"), "qop-u8s8": ("QOperator", "QUInt8"), "qdq-s8s8": ("QDQ", "QInt8")}
+FORMATS = ("auto", *INT8_FORMATS)
+# A candidate later in the order of preference must be this much faster to win (timing noise must not flip it).
+PREFERENCE_MARGIN = 1.10
+# Convolution kernels in the optimized graph, of any domain (onnxruntime's NHWC QLinearConv, the NCHWc Conv).
+INTEGER_CONV_OPS = ("QLinearConv", "ConvInteger")
+FLOAT_CONV_OPS = ("Conv", "FusedConv")
+# Timing of the candidates: about this many seconds per candidate and batch size, within these call counts.
+TIMING_BUDGET_S = 0.4
+TIMING_ITERS = (3, 30)
+CALIBRATION_STRIDE = 32  # calibration inputs per collection (memory; see _calibrate)
+ENTROPY_BINS = 512  # histogram bins for entropy calibration (128 quantized bins, onnxruntime's default)
+SENSITIVITY_INPUTS = 16  # calibration inputs the per-convolution error ranking runs on
+# Agreement of an int8 candidate (a file) with fp32 on the check inputs, as the task's policy measures it.
+Judge = Callable[[Path], float]
 # Operators that lose too much in float16 or have no float16 kernel; kept in float32.
 FP16_BLOCK_LIST = ("Resize", "RoiAlign", "NonMaxSuppression", "TopK", "Softmax", "LogSoftmax", "Range", "Exp")
 
@@ -46,9 +69,17 @@ class QuantizationConfig:
 
     Attributes:
         precision: ``fp16`` or ``int8``.
-        method: int8 only: ``static`` (QDQ, calibrated activations) or ``dynamic`` (weights only).
+        method: int8 only: ``static`` (calibrated activations) or ``dynamic`` (weights only).
+        format: int8 static: one of :data:`INT8_FORMATS`, or ``auto``: build each, read which kernels
+            onnxruntime fuses, time them at batch 1 and ``batch`` and keep the fastest that passes the gate.
+        batch: The typical batch size the ``auto`` format is timed at (besides 1).
         per_channel: int8 only: per-channel weight scales.
-        calibration_method: int8 static: ``minmax``, ``entropy`` or ``percentile``.
+        calibration_method: int8 static: ``minmax``, ``entropy`` or ``percentile`` (the default, chosen by
+            measurement: bench/int8_real.py, top-1 agreement with fp32 on held-out images of MobileNetV2 /
+            deep_convnet / resnet_small: percentile 66.8 / 97.7 / 99.6%, minmax 58.6 / 97.7 / 99.6%, entropy
+            57.8 / 87.9 / 93.0%; with 256 calibration and 512 held-out images 60.7 / 98.4 / 99.8%, 59.4 / 98.4 /
+            99.6% and 58.2 / 88.1 / 93.0%. percentile was never below minmax, at up to 1.8x its calibration
+            time; entropy the worst and slowest).
         calibration_size: Number of calibration images.
         keep_fp32: Operator types kept in float32 (fp16) or not quantized (int8), on top of the defaults.
         exclude_nodes: Node names left in float32.
@@ -57,8 +88,10 @@ class QuantizationConfig:
 
     precision: str
     method: str = "static"
+    format: str = "auto"
+    batch: int = 32
     per_channel: bool = True
-    calibration_method: str = "minmax"
+    calibration_method: str = "percentile"
     calibration_size: int = 256
     keep_fp32: tuple[str, ...] = ()
     exclude_nodes: tuple[str, ...] = ()
@@ -72,8 +105,10 @@ class QuantizationConfig:
         if self.calibration_method not in CALIBRATION_METHODS:
             raise InputError(f"unknown calibration method {self.calibration_method!r}; "
                              f"choose from {', '.join(CALIBRATION_METHODS)}")
-        if self.calibration_size < 1:
-            raise InputError("calibration size must be at least 1")
+        if self.format not in FORMATS:
+            raise InputError(f"unknown int8 format {self.format!r}; choose from {', '.join(FORMATS)}")
+        if self.calibration_size < 1 or self.batch < 1:
+            raise InputError("calibration size and batch must be at least 1")
         if not 0 <= self.min_agreement <= 1:
             raise InputError("min_agreement must be between 0 and 1")
 
@@ -97,9 +132,23 @@ class QuantizeReport:
     op_counts: dict[str, int] = field(default_factory=dict)
     kept_fp32: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    agreement_name: str = "top-1 agreement"  # what ``agreement`` measures (the task's policy says)
+    format: str | None = None  # int8: the format built (one of INT8_FORMATS, or ``dynamic``)
+    format_reason: str = ""  # why: the candidates' kernels, latencies and agreement
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    convs: int = 0  # convolutions in the fp32 model
+    integer_convs: int = 0  # convolution kernels onnxruntime runs in int8 (its optimized graph, this CPU)
+    float_convs: int = 0  # convolution kernels it runs in float
+    conv_kernels: dict[str, int] = field(default_factory=dict)  # the optimized graph's convolution operators
+
+    @property
+    def conv_summary(self) -> str:
+        """``N of M convolutions run as integer kernels`` (read from onnxruntime's optimized graph)."""
+        return (f"{self.integer_convs} of {self.convs} convolutions run as integer kernels "
+                f"({self.float_convs} in float)")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "conv_summary": self.conv_summary}
 
 
 class ArrayCalibrationReader:
@@ -217,57 +266,376 @@ def _working_directory(path: str):
 
 
 def _stem_convs(model: onnx.ModelProto) -> list[str]:
-    """Convolutions over 1-3 input channels (an image stem). Their GEMM depth (channels x kernel) is
-    too shallow for int8 kernels to pay off (measured 10x slower than fp32 for LeNet/VGG stems on
-    an AVX-512 VNNI CPU), and first layers are the most sensitive to quantization, so they stay fp32."""
+    """Image stems: ordinary (not grouped) convolutions over 1-3 input channels. Their GEMM depth (channels x
+    kernel) is too shallow for int8 kernels to pay off on their own (measured on this AVX-512 VNNI CPU, one conv
+    alone: LeNet's 1->6 5x5 stem 0.31 ms fp32 vs 1.42 ms int8 at batch 64, MobileNetV2's 3->32 3x3 0.13 vs 0.34 ms
+    at batch 1), but in a whole model int8 can still win (MobileNetV2: 33-37 vs 38-46 ms at batch 32, no float-to-int8
+    layout change after the stem), so int8 runs a stem in int8 where the whole model measures faster that way
+    (:func:`_select_int8`), in float otherwise (LeNet-5, deep_convnet). Depthwise convolutions (weights ``C x 1 x k x k``, ``group = C``) are not stems: an
+    earlier rule tested the weights' second dimension alone and kept all 17 of MobileNetV2's in float (issue 17)."""
     weights = {t.name: t for t in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in weights
-            and len(weights[n.input[1]].dims) == 4 and weights[n.input[1]].dims[1] <= 3]
+    stems = []
+    for n in model.graph.node:
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        dims = weights[n.input[1]].dims if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in weights else []
+        if len(dims) == 4 and group == 1 and dims[1] <= 3:
+            stems.append(n.name)
+    return stems
+
+
+def optimized_op_counts(path: str | Path, folder: str | Path | None = None) -> dict[str, int]:
+    """Operator counts of the graph onnxruntime really runs on this CPU: ``path`` after the runtime's own graph
+    optimizations (level ``all``, as :class:`~dlpipe.runtime.engine.Engine` runs it, with its QDQ fusions and
+    NCHWc / NHWC layout changes), read back from ``SessionOptions.optimized_model_filepath``. Operators of another
+    domain than ONNX's are counted as ``domain:op`` (``com.microsoft:QLinearConv``)."""
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        _optimized_session(Path(path), Path(tmp) / "optimized.onnx")
+        return _counts(Path(tmp) / "optimized.onnx")
+
+
+def _optimized_session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
+    """A CPU session as the runtime makes one (all graph optimizations, default threads); with ``optimized``,
+    the graph it runs is written there (onnxruntime's warning that such a file is hardware-specific is silenced:
+    that is why it is read)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = GRAPH_OPTIMIZATION["all"]
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+        options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def conv_kernels(counts: dict[str, int]) -> tuple[int, int]:
+    """(integer, float) convolution kernels among optimized operator counts: QLinearConv (ONNX's or onnxruntime's
+    NHWC one) and ConvInteger run in int8; Conv (ONNX's or the NCHWc one) and FusedConv in float."""
+    def total(ops: tuple[str, ...]) -> int:
+        return sum(v for k, v in counts.items() if k.rpartition(":")[2] in ops)
+    return total(INTEGER_CONV_OPS), total(FLOAT_CONV_OPS)
+
+
+@dataclass
+class Conversion:
+    """What a conversion built: the format (``fp16``, an int8 format or ``dynamic``), the nodes kept in float32,
+    why that format, and every int8 candidate measured."""
+
+    format: str
+    kept: list[str]
+    reason: str
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    search: str = ""  # what leaving convolutions out of quantization achieved, when no candidate passed the gate
+
+
+@dataclass
+class _Candidate:
+    """One int8 build of the model: its format, what it leaves in float, and what was measured of it."""
+
+    name: str
+    format: str
+    path: Path
+    excluded: list[str]
+    kernels: dict[str, int] = field(default_factory=dict)
+    agreement: float | None = None
+    p50_ms: dict[int, float] = field(default_factory=dict)
+    same_as: str | None = None
+
+    def score(self) -> float:
+        """Geometric mean of the median latencies over the timed batch sizes (lower is faster)."""
+        return float(np.exp(np.mean(np.log(list(self.p50_ms.values()))))) if self.p50_ms else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        integer, floating = conv_kernels(self.kernels)
+        return {"name": self.name, "format": self.format, "float_nodes": len(self.excluded),
+                "integer_convs": integer, "float_convs": floating, "agreement": self.agreement,
+                "p50_ms": {str(b): round(v, 4) for b, v in self.p50_ms.items()}, "same_kernels_as": self.same_as}
+
+
+@dataclass
+class _Int8Build:
+    """Builds int8 variants of one pre-processed model from one calibration: the activation ranges are computed
+    once (:func:`_calibrate`) and every candidate reads them from onnxruntime's calibration cache."""
+
+    prep: Path
+    folder: Path
+    cfg: QuantizationConfig
+    op_types: list[str] | None
+    cache: Path | None
+    finish: Callable[[Path], None] | None = None  # applied to every build (the policy's output bias correction)
+
+    def __call__(self, fmt: str, excluded: list[str], name: str) -> _Candidate:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+        out = self.folder / f"{name}.onnx"
+        if self.cfg.method == "dynamic":
+            quantize_dynamic(str(self.prep), str(out), per_channel=self.cfg.per_channel, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=excluded, op_types_to_quantize=self.op_types)
+        else:
+            quant_format, activation = INT8_FORMATS[fmt]
+            quantize_static(str(self.prep), str(out), None, op_types_to_quantize=self.op_types,
+                            quant_format=QuantFormat[quant_format], per_channel=self.cfg.per_channel,
+                            activation_type=QuantType[activation], weight_type=QuantType.QInt8,
+                            calibrate_method=_calibration_method(self.cfg), nodes_to_exclude=excluded,
+                            calibration_cache_path=str(self.cache),
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        if self.finish is not None:
+            self.finish(out)
+        return _Candidate(name, fmt, out, list(excluded))
+
+
+def _calibration_method(cfg: QuantizationConfig):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
+
+
+def _calibrate(prep: Path, folder: Path, cfg: QuantizationConfig, op_types: list[str] | None, input_name: str,
+               calibration: np.ndarray, unbatched: bool) -> Path:
+    """Activation ranges of ``prep`` on the calibration inputs, computed once and saved as onnxruntime's
+    calibration cache (what ``quantize_static`` would compute itself, for the same operator types). The inputs
+    go in :data:`CALIBRATION_STRIDE` at a time: onnxruntime's calibrators keep every intermediate tensor of
+    one collection in memory (256 MobileNetV2 inputs at 224x224 ran a 23 GB machine out of memory); minmax
+    ranges and histograms merge across collections."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    # onnxruntime's entropy calibrator defaults to 128 histogram bins for 128 quantized bins, which leaves it one
+    # threshold to try, the full range: minmax's answer (measured: identical ranges and outputs on MobileNetV2).
+    options = {"num_bins": ENTROPY_BINS} if cfg.calibration_method == "entropy" else {}
+    calibrator = create_calibrator(prep, op_types or sorted(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                                   augmented_model_path=str(folder / "augmented.onnx"),
+                                   calibrate_method=_calibration_method(cfg), extra_options=options)
+    for start in range(0, len(calibration), CALIBRATION_STRIDE):
+        chunk = calibration[start:start + CALIBRATION_STRIDE]
+        calibrator.collect_data(ArrayCalibrationReader(input_name, chunk, unbatched=unbatched))
+    cache = folder / "calibration.json"
+    save_tensors_data(calibrator.compute_data(), cache)
+    return cache
+
+
+def _preprocess(src: Path, prep: Path) -> None:
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
+    except Exception:  # symbolic inference gives up on some dynamic spatial axes; ONNX's own suffices
+        quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
 
 
 def _to_int8(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None, input_name: str,
-             policy: QuantizationPolicy, unbatched: bool = False) -> list[str]:
-    """Static QDQ (calibrated, uint8 activations, int8 per-channel weights) or dynamic int8, with the
-    policy's operator set and the image stem and the policy's nodes left in float32. Returns what was kept."""
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
+             policy: QuantizationPolicy, unbatched: bool = False, judge: Judge | None = None,
+             finish: Callable[[Path], None] | None = None) -> Conversion:
+    """Static (calibrated, per-channel int8 weights) or dynamic int8 with the policy's operator set; the format
+    (:data:`INT8_FORMATS`), and which convolutions stay in float, picked by measurement when ``judge`` is given
+    (:func:`_select_int8`), else ``qdq-u8s8`` with the image stems in float. Returns what was done."""
     src, dst = src.resolve(), dst.resolve()  # the work below runs in a temporary directory
-    with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp):
-        prep = Path(tmp) / "prep.onnx"
-        try:
-            quant_pre_process(str(src), str(prep), skip_symbolic_shape=False)
-        except Exception:  # symbolic inference gives up on some dynamic spatial axes; ONNX's own suffices
-            quant_pre_process(str(src), str(prep), skip_symbolic_shape=True)
-        model = onnx.load(str(prep))
+    # onnxruntime's calibrators print progress; the command line's stdout may be JSON
+    with tempfile.TemporaryDirectory() as tmp, _working_directory(tmp), contextlib.redirect_stdout(io.StringIO()):
+        folder = Path(tmp)
+        _preprocess(src, folder / "prep.onnx")
+        model = onnx.load(str(folder / "prep.onnx"))
         excluded = [n.name for n in model.graph.node if n.op_type in cfg.keep_fp32 or n.name in cfg.exclude_nodes]
-        excluded += [name for name in _stem_convs(model) if name not in excluded]
+        stems = [name for name in _stem_convs(model) if name not in excluded]
         op_types = list(policy.int8_ops) if policy.int8_ops else None
-        if cfg.method == "dynamic":
-            quantize_dynamic(str(prep), str(dst), per_channel=cfg.per_channel, weight_type=QuantType.QInt8,
-                             nodes_to_exclude=excluded, op_types_to_quantize=op_types)
+        cache = None if cfg.method == "dynamic" else _calibrate(folder / "prep.onnx", folder, cfg, op_types, input_name,
+                                                                calibration, unbatched)
+        build = _Int8Build(folder / "prep.onnx", folder, cfg, op_types, cache, finish)
+        if judge is None or cfg.method == "dynamic":
+            fmt = "dynamic" if cfg.method == "dynamic" else ("qdq-u8s8" if cfg.format == "auto" else cfg.format)
+            shutil.copyfile(build(fmt, excluded + stems, fmt).path, dst)
+            why = ("dynamic int8 (ConvInteger/MatMulInteger)" if fmt == "dynamic" else
+                   f"{fmt}, {'the default' if cfg.format == 'auto' else 'as asked'}: a package's graphs are not timed")
+            choice = Conversion(fmt, excluded + stems, why)
         else:
-            method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                      "percentile": CalibrationMethod.Percentile}[cfg.calibration_method]
-            reader = ArrayCalibrationReader(input_name, calibration, unbatched=unbatched)
-            quantize_static(str(prep), str(dst), reader, op_types_to_quantize=op_types,
-                            quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=method, nodes_to_exclude=excluded,
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        excluded += [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in policy.reported_fp32_ops]
-    return excluded
+            inputs = _timing_inputs(calibration, cfg.batch, unbatched)
+            choice, winner = _select_int8(build, judge, src, input_name, inputs, excluded, stems, calibration)
+            shutil.copyfile(winner.path, dst)
+    choice.kept += [f"{n.op_type}:{n.name}" for n in model.graph.node if n.op_type in policy.reported_fp32_ops]
+    return choice
 
 
-def _convert(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None, task: Task) -> list[str]:
+def _timing_inputs(calibration: np.ndarray, batch: int, unbatched: bool) -> dict[int, np.ndarray]:
+    """Inputs to time candidates on: one input, and (for batched models) ``batch`` inputs (repeated calibration
+    inputs where there are fewer)."""
+    if unbatched:
+        return {1: calibration[0]}
+    many = np.concatenate([calibration] * -(-batch // len(calibration)))[:batch]
+    return {1: calibration[:1], batch: np.ascontiguousarray(many)} if batch > 1 else {1: calibration[:1]}
+
+
+def _measure(candidates: list[_Candidate], judge: Judge, src: Path, input_name: str,
+             inputs: dict[int, np.ndarray]) -> dict[int, float]:
+    """Fill in each candidate's optimized kernels, agreement and latencies (timed side by side, interleaved,
+    with fp32 as the reference). A candidate that quantizes the same nodes to the same activation type as an
+    earlier one and whose optimized graph runs the same kernels (QDQ and QOperator U8S8 both become QLinearConv)
+    is the same program: it is marked ``same_as`` and neither judged nor timed.
+    Returns fp32's latencies."""
+    from dlpipe.runtime.benchmark import measure_interleaved
+
+    sessions = {"fp32": _optimized_session(src)}
+    seen: dict[tuple, str] = {}
+    for c in candidates:
+        optimized = c.path.with_suffix(".optimized.onnx")
+        session = _optimized_session(c.path, optimized)
+        c.kernels = _counts(optimized)
+        key = (INT8_FORMATS.get(c.format, ("", c.format))[1], tuple(sorted(c.excluded)), tuple(sorted(c.kernels.items())))
+        if key in seen:
+            c.same_as = seen[key]
+            continue
+        seen[key] = c.name
+        c.agreement = c.agreement if c.agreement is not None else judge(c.path)
+        sessions[c.name] = session
+    reference: dict[int, float] = {}
+    for batch, x in inputs.items():
+        runners = {name: (lambda s=s: s.run(None, {input_name: x})) for name, s in sessions.items()}
+        runners["fp32"]()  # the first run of a session is slow; the second sizes the timing
+        start = time.perf_counter()
+        runners["fp32"]()
+        iters = int(min(TIMING_ITERS[1], max(TIMING_ITERS[0], TIMING_BUDGET_S / (time.perf_counter() - start))))
+        stats = measure_interleaved(runners, batch=batch, warmup=1, iters=iters, rounds=3, pause_s=0.01, attempts=2)
+        reference[batch] = stats["fp32"].p50_ms
+        for c in candidates:
+            if c.name in stats:
+                c.p50_ms[batch] = stats[c.name].p50_ms
+    return reference
+
+
+def _counts(path: Path) -> dict[str, int]:
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}:{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _choose(candidates: list[_Candidate], gate: float) -> tuple[_Candidate | None, str]:
+    """The fastest candidate that passes the agreement gate. Between formats, the first passing one in
+    :data:`INT8_FORMATS`' order of preference unless the fastest beats it by :data:`PREFERENCE_MARGIN` (timing
+    noise on a shared machine must not flip the format); within a format (image stems in float or in int8) the
+    faster. Returns it (None when none passes) and why."""
+    passing = [c for c in candidates if c.same_as is None and c.agreement is not None and c.agreement >= gate]
+    if not passing:
+        return None, ""
+    fastest = min(passing, key=_Candidate.score)
+    if fastest.format == passing[0].format or passing[0].score() >= PREFERENCE_MARGIN * fastest.score():
+        return fastest, f"fastest of {len(passing)} passing the gate: {_describe(fastest)}"
+    chosen = min((c for c in passing if c.format == passing[0].format), key=_Candidate.score)
+    return chosen, (f"first format in order of preference, {_describe(chosen)}; the fastest, {fastest.name}, was "
+                    f"within {PREFERENCE_MARGIN - 1:.0%}")
+
+
+def _describe(c: _Candidate) -> str:
+    times = ", ".join(f"{v:.3g} ms at batch {b}" for b, v in c.p50_ms.items())
+    integer, floating = conv_kernels(c.kernels)
+    return f"{c.name} ({times}; {integer} integer / {floating} float conv kernels; agreement {c.agreement:.2%})"
+
+
+def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, inputs: dict[int, np.ndarray],
+                 excluded: list[str], stems: list[str], calibration: np.ndarray) -> tuple[Conversion, _Candidate]:
+    """Build every requested format with the image stems in float, and the first format with them in int8 too
+    (a stem runs in int8 when that measures faster); read which kernels onnxruntime fuses, check agreement and
+    time them side by side (:func:`_measure`); keep the fastest that passes the gate (:func:`_choose`). When none agrees well enough, the convolutions int8 hurts most are
+    left out of quantization (:func:`_float_search`)."""
+    formats = list(INT8_FORMATS) if build.cfg.format == "auto" else [build.cfg.format]
+    plans = [(fmt, excluded + stems, fmt) for fmt in formats]
+    plans += [(formats[0], list(excluded), f"{formats[0]}-int8-stem")] if stems else []
+    candidates, failed = [], []
+    for fmt, nodes, name in plans:
+        try:
+            candidates.append(build(fmt, nodes, name))
+        except Exception as exc:  # a format onnxruntime cannot build for this graph is reported, not fatal
+            failed.append({"name": name, "format": fmt, "error": (str(exc).strip().splitlines() or [type(exc).__name__])[0]})
+    if not candidates:
+        raise QuantizationError(f"no int8 format could be built: {failed}")
+    fp32_ms = _measure(candidates, judge, src, input_name, inputs)
+    winner, why = _choose(candidates, build.cfg.min_agreement)
+    search = ""
+    if winner is None:
+        first = min((c for c in candidates if c.same_as is None), key=_Candidate.score)
+        winner, search = _float_search(build, judge, first, first.excluded, calibration, input_name,
+                                       build.cfg.min_agreement)
+        if not winner.p50_ms:  # what leaving convolutions out costs, timed beside the fastest candidate
+            first.p50_ms = {}
+            _measure([first, winner], judge, src, input_name, inputs)
+        why = f"{search}; result: {_describe(winner)}"
+        candidates += [winner] if all(c is not winner for c in candidates) else []
+    if stems:
+        twins = {c.excluded == excluded: c for c in candidates[:len(plans)] if c.format == formats[0]}
+        if len(twins) == 2 and twins[True].p50_ms:
+            where = "int8" if set(stems).isdisjoint(winner.excluded) else "float"
+            why += (f"; image stem {', '.join(stems)} in {where}: with it in int8 {_describe(twins[True])}, "
+                    f"in float {_describe(twins[False])}")
+    why += "; fp32 " + ", ".join(f"{v:.3g} ms at batch {b}" for b, v in fp32_ms.items())
+    return Conversion(winner.format, winner.excluded, why, [*(c.as_dict() for c in candidates), *failed], search), winner
+
+
+def _float_search(build: _Int8Build, judge: Judge, start: _Candidate, excluded: list[str], calibration: np.ndarray,
+                  input_name: str, gate: float) -> tuple[_Candidate, str]:
+    """No candidate agrees with fp32 well enough: leave out of quantization the convolutions that int8 hurts most,
+    ranked by :func:`_conv_sensitivity`, 1, 2, 4... of them (at most a quarter of the convolutions), re-measuring
+    agreement each time; the first set that passes wins. When none does, the best attempt is returned (and the
+    gate refuses it). Returns the candidate and the reason."""
+    model = onnx.load(str(build.prep))
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in excluded]
+    ranking = _conv_sensitivity(build, start, convs, calibration[:SENSITIVITY_INPUTS], input_name)
+    best, tried, count, cap = start, [], 1, max(1, len(convs) // 4)
+    while ranking and count <= cap:
+        trial = build(start.format, excluded + ranking[:count], f"{start.format}-float{count}")
+        trial.agreement = judge(trial.path)
+        tried.append(f"{count}: {trial.agreement:.2%}")
+        if trial.agreement > (best.agreement or 0):
+            best = trial
+        if trial.agreement >= gate:
+            break
+        count = cap if count < cap < 2 * count else 2 * count
+    verdict = "passes" if (best.agreement or 0) >= gate else "still fails"
+    # An excluded QDQ convolution between quantized neighbours is quantized again by onnxruntime itself (its
+    # WeightBiasQuantization pass; MobileNetV2: 13 left out, 3 ran in float): what runs is in the kernel counts.
+    trials = ", ".join(tried) or "none to try"
+    return best, (f"no format agreed with fp32 (the fastest, {start.name}: {start.agreement:.2%}); left out of "
+                  f"quantization the convolutions int8 hurts most (agreement by count: {trials}): "
+                  f"{len(best.excluded) - len(excluded)} left out {verdict} (onnxruntime quantizes the weights "
+                  f"of those between quantized neighbours itself; the convolution counts say what runs in float)")
+
+
+def _conv_sensitivity(build: _Int8Build, candidate: _Candidate, convs: list[onnx.NodeProto], inputs: np.ndarray,
+                      input_name: str) -> list[str]:
+    """Convolutions ordered by the error int8 adds in each: the relative error of its output minus that of its
+    input, fp32 against a QDQ build (whose tensors keep their fp32 names) on a few calibration inputs."""
+    qdq = candidate if candidate.format.startswith("qdq") else build(
+        "qdq-" + candidate.format.partition("-")[2], candidate.excluded, "ranking")
+    names = sorted({t for n in convs for t in (n.input[0], n.output[0])})
+    ref, got = _intermediates(build.prep, names, inputs, input_name), _intermediates(qdq.path, names, inputs, input_name)
+    error = {t: float(np.linalg.norm(got[t] - ref[t]) / (np.linalg.norm(ref[t]) + 1e-12))
+             for t in names if t in got and t in ref and got[t].shape == ref[t].shape}
+    added = {n.name: error.get(n.output[0], 0.0) - error.get(n.input[0], 0.0) for n in convs}
+    return sorted(added, key=added.__getitem__, reverse=True)
+
+
+def _intermediates(path: Path, names: list[str], inputs: np.ndarray, input_name: str) -> dict[str, np.ndarray]:
+    """The tensors ``names`` (those the model has) computed on ``inputs``."""
+    model = onnx.load(str(path))
+    produced = {o for n in model.graph.node for o in n.output}  # a graph input is the same in both models
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t in produced and t not in outputs)
+    exposed = path.with_suffix(".intermediates.onnx")
+    onnx.save(model, str(exposed))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = GRAPH_OPTIMIZATION["disable"]
+    session = ort.InferenceSession(str(exposed), options, providers=["CPUExecutionProvider"])
+    wanted = [o.name for o in session.get_outputs() if o.name in names]
+    return dict(zip(wanted, session.run(wanted, {input_name: inputs})))
+
+
+def _convert(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndarray | None, task: Task, *,
+             judge: Judge | None = None, finish: Callable[[Path], None] | None = None) -> Conversion:
     """``src`` as ``cfg.precision`` in ``dst``; onnxruntime's and the converter's failures as one clear error."""
     try:
         if cfg.precision == "fp16":
-            return _to_fp16(src, dst, cfg, task.quantization)
+            return Conversion("fp16", _to_fp16(src, dst, cfg, task.quantization), "")
         input_name = Engine(src, device="cpu").input_names[0]
-        return _to_int8(src, dst, cfg, calibration, input_name, task.quantization, unbatched=not task.batched)
+        return _to_int8(src, dst, cfg, calibration, input_name, task.quantization, unbatched=not task.batched,
+                        judge=judge, finish=finish)
     except DlpipeError:
         raise
     except Exception as exc:
@@ -298,13 +666,14 @@ def correct_output_bias(quantized: Path, fp32_path: Path, inputs: np.ndarray) ->
     onnx.save(model, str(quantized))
 
 
-def _record(path: Path, config: QuantizationConfig, kept: list[str], source: str, calibration: dict | None) -> onnx.ModelProto:
+def _record(path: Path, config: QuantizationConfig, kept: list[str], source: str, calibration: dict | None,
+            extra: dict[str, Any] | None = None) -> onnx.ModelProto:
     """Write what quantization did into the model's metadata; returns the model."""
     model = onnx.load(str(path))
     doc = read_metadata(model) or {}
     doc["precision"] = config.precision
     doc["quantization"] = {k: v for k, v in asdict(config).items() if k != "min_agreement"}
-    doc["quantization"].update(kept_fp32=kept, source=source)
+    doc["quantization"].update(kept_fp32=kept, source=source, **(extra or {}))
     if calibration is not None:
         doc["quantization"]["calibration"] = calibration
     write_metadata(model, doc)
@@ -312,19 +681,40 @@ def _record(path: Path, config: QuantizationConfig, kept: list[str], source: str
     return model
 
 
-def _gate(agreement: float, config: QuantizationConfig, task: Task, checks: int) -> None:
+def _conv_counts(fp32_path: Path, variant: Path) -> dict[str, Any]:
+    """The fp32 model's convolutions and how the variant's run in onnxruntime's optimized graph (QuantizeReport's
+    ``convs``, ``integer_convs``, ``float_convs`` and ``conv_kernels``)."""
+    total = sum(n.op_type == "Conv" for n in onnx.load(str(fp32_path), load_external_data=False).graph.node)
+    kernels = optimized_op_counts(variant, folder=variant.parent)
+    integer, floating = conv_kernels(kernels)
+    return {"convs": total, "integer_convs": integer, "float_convs": floating,
+            "conv_kernels": {k: v for k, v in kernels.items() if k.rpartition(":")[2] in INTEGER_CONV_OPS + FLOAT_CONV_OPS}}
+
+
+def _what_was_done(conversion: Conversion, convs: dict[str, Any], config: QuantizationConfig) -> dict[str, Any]:
+    """The conversion's format, why, its candidates and convolution counts, for the model's metadata."""
+    return {"format": conversion.format, "format_requested": config.format if config.precision == "int8" else None,
+            "format_reason": conversion.reason, "candidates": conversion.candidates,
+            "convolutions": {"integer": convs["integer_convs"], "float": convs["float_convs"], "total": convs["convs"]}}
+
+
+def _gate(agreement: float, config: QuantizationConfig, task: Task, checks: int, search: str = "") -> None:
     if agreement < config.min_agreement:
         raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} "
                                 f"({task.quantization.agreement_name}) for {checks} check inputs (minimum "
-                                f"{config.min_agreement:.0%}); try --method, more calibration images or --keep-fp32 OP")
+                                f"{config.min_agreement:.0%}); try --method, more calibration images or --keep-fp32 OP"
+                                + (f" ({search})" if search else ""))
 
 
-def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig, *,
+def quantize(model_path: str | Path, out: str | Path | None, config: QuantizationConfig, *,
              calibration: str | None = None, check: str | None = None, check_size: int = 512,
              data_dir: str | None = None) -> QuantizeReport:
     """Write the ``config.precision`` variant of a dlpipe fp32 ONNX model (or package) to ``out`` and check it.
 
     Args:
+        model_path: An ONNX file, or a package folder or its fp32 manifest.
+        out: The variant's file; when None ``model.<precision>.onnx`` beside an ONNX file, or
+            ``manifest.<precision>.json`` in a package folder.
         calibration: Where calibration inputs come from (int8 static): dataset name, image folder or
             ``.npy``; the task's default (the model's own training data) when None.
         check: Where the agreement-check inputs come from; the test split of the model's dataset (or
@@ -337,7 +727,8 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
     if is_package(model_path):
         return quantize_package(model_path, out, config, calibration=calibration, check=check,
                                 check_size=min(check_size, 256), data_dir=data_dir)
-    model_path, out = Path(model_path), Path(out)
+    model_path = Path(model_path)
+    out = Path(out) if out else variant_path(model_path, config.precision)
     fp32 = _fp32_model(model_path)
     task = get_task(fp32.info.task)
     policy = task.quantization
@@ -346,21 +737,27 @@ def quantize(model_path: str | Path, out: str | Path, config: QuantizationConfig
     calib = policy.inputs(model_path, calibration, "train", config.calibration_size, data_dir, 0) \
         if config.calibrated else None
     checks = _check_inputs(policy, model_path, config, calibration, check, check_size, data_dir)
+    bias = None
+    if config.precision == "int8" and policy.bias_correct_output:
+        bias = calib if calib is not None else policy.inputs(model_path, None, "train", 256, data_dir, 0)
     with atomic_output(out) as tmp:
-        kept = _convert(model_path, tmp, config, calib, task)
-        if config.precision == "int8" and policy.bias_correct_output:
-            bias_inputs = calib if calib is not None else policy.inputs(model_path, None, "train", 256, data_dir, 0)
-            correct_output_bias(tmp, model_path, bias_inputs)
-        model = _record(tmp, config, kept, model_path.name,
+        conversion = _convert(model_path, tmp, config, calib, task,
+                              judge=lambda path: policy.agreement(fp32, load(path, device="cpu"), checks)[0],
+                              finish=(lambda path: correct_output_bias(path, model_path, bias)) if bias is not None else None)
+        convs = _conv_counts(model_path, tmp)
+        model = _record(tmp, config, conversion.kept, model_path.name,
                         {"source": calibration or fp32.info.raw.get("dataset"), "images": len(calib)}
-                        if calib is not None else None)
+                        if calib is not None else None, _what_was_done(conversion, convs, config))
         agreement, max_abs = policy.agreement(fp32, load(tmp, device="cpu"), checks)
-        _gate(agreement, config, task, len(checks))
+        _gate(agreement, config, task, len(checks), conversion.search)
     return QuantizeReport(path=str(out), precision=config.precision,
                           method=config.method if config.precision == "int8" else None, agreement=agreement,
                           check_images=len(checks), max_abs_diff=max_abs,
                           size_bytes=out.stat().st_size, fp32_size_bytes=model_path.stat().st_size,
-                          op_counts=_op_counts(model), kept_fp32=kept, seconds=time.perf_counter() - start)
+                          op_counts=_op_counts(model), kept_fp32=conversion.kept, seconds=time.perf_counter() - start,
+                          agreement_name=policy.agreement_name,
+                          format=conversion.format if config.precision == "int8" else None,
+                          format_reason=conversion.reason, candidates=conversion.candidates, **convs)
 
 
 def _fp32_model(model_path: Path):
@@ -406,13 +803,19 @@ def quantize_package(path: str | Path, out: str | Path | None, config: Quantizat
     calib = policy.inputs(manifest_path, calibration, "train", config.calibration_size, data_dir, 0) \
         if calibrated else None
     checks = _check_inputs(policy, manifest_path, config, calibration, check, check_size, data_dir)
-    suffix, kept, ops, written = f".{config.precision}", [], {}, []
+    suffix, kept, ops, written, formats = f".{config.precision}", [], {}, [], []
+    convs = {"convs": 0, "integer_convs": 0, "float_convs": 0, "conv_kernels": {}}
     try:
         for part, plan in plans.items():
             src, tmp = folder / doc["graphs"][part], folder / f"{part}{suffix}.onnx.tmp"
             written.append(tmp)
-            kept += [f"{part}:{k}" for k in _convert(src, tmp, plan, calib, task)]
-            model = _record(tmp, plan, [], src.name, None)
+            conversion = _convert(src, tmp, plan, calib, task)  # parts are not timed one by one: fixed formats
+            kept += [f"{part}:{k}" for k in conversion.kept]
+            formats.append(f"{part}:{conversion.format}")
+            counts = _conv_counts(src, tmp)
+            convs = {k: ({f"{part}:{op}": n for op, n in counts[k].items()} | v if isinstance(v, dict) else v + counts[k])
+                     for k, v in convs.items()}
+            model = _record(tmp, plan, [], src.name, None, _what_was_done(conversion, counts, plan))
             ops.update({f"{part}:{k}": v for k, v in _op_counts(model).items()})
         variant = {**doc, "precision": config.precision, "variants": {},
                    "graphs": {p: f"{p}{suffix}.onnx" for p in plans},
@@ -436,4 +839,5 @@ def quantize_package(path: str | Path, out: str | Path | None, config: Quantizat
                           check_images=len(checks), max_abs_diff=max_diff,
                           size_bytes=sum((folder / f"{p}{suffix}.onnx").stat().st_size for p in plans),
                           fp32_size_bytes=sum((folder / doc["graphs"][p]).stat().st_size for p in plans),
-                          op_counts=ops, kept_fp32=kept, seconds=time.perf_counter() - start)
+                          op_counts=ops, kept_fp32=kept, seconds=time.perf_counter() - start,
+                          agreement_name=policy.agreement_name, format=", ".join(formats), **convs)

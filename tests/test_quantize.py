@@ -120,3 +120,101 @@ def test_disagreement_fails_and_writes_nothing(mnist_onnx, data_dir, tmp_path):
                  data_dir=data_dir)
     assert not (tmp_path / "q.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["blank.npy"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8 on a real architecture (issue 17): which convolutions onnxruntime really runs as integer kernels
+
+TINY_MOBILENET = '''
+import torchvision
+
+
+def mobilenet_v2_quarter():
+    return torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_mobilenet(tmp_path_factory):
+    """torchvision's MobileNetV2 (width 0.25, 52 convolutions, 17 of them depthwise) with random weights whose
+    batch-norm statistics were set on real shapes images, exported through ``export_user_module`` at 32x32."""
+    import torch
+
+    from dlpipe.export.onnx_export import export_user_module
+    from dlpipe.training.data import load_split
+
+    folder = tmp_path_factory.mktemp("tiny_mobilenet")
+    (folder / "tiny_arch.py").write_text(TINY_MOBILENET)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(folder))
+        import tiny_arch
+
+        torch.manual_seed(0)
+        module = tiny_arch.mobilenet_v2_quarter().train()
+        images, _ = load_split("shapes", "train", limit=128)
+        with torch.no_grad():  # batch-norm statistics of real images: activations keep a sane scale
+            module(torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.25))
+        torch.save(module.state_dict(), folder / "weights.pt")
+        export_user_module("tiny_arch:mobilenet_v2_quarter", folder / "mnv2.onnx", input_shape=(3, 32, 32),
+                           labels=[str(i) for i in range(10)], weights=folder / "weights.pt",
+                           mean=[0.5] * 3, std=[0.25] * 3)
+    return folder / "mnv2.onnx"
+
+
+def _optimized_conv_ops(path, tmp_path):
+    """Convolution operators in the graph onnxruntime runs (read here, independently of the quantizer)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    return ops.count("QLinearConv") + ops.count("ConvInteger"), sum(op in ("Conv", "FusedConv") for op in ops)
+
+
+def test_int8_runs_every_depthwise_convolution_as_an_integer_kernel(tiny_mobilenet, tmp_path):
+    # issue 17: the stem rule read any weight with <= 3 input channels per group as an image stem and kept all
+    # 17 depthwise convolutions (and the stem) of MobileNetV2 in float: 34 of 52 ran as integer kernels.
+    report = quantize(tiny_mobilenet, tmp_path / "q.onnx",
+                      QuantizationConfig("int8", format="qdq-u8s8", calibration_size=32, min_agreement=0.0),
+                      calibration="shapes", check="shapes", check_size=64)
+    integer, floating = _optimized_conv_ops(report.path, tmp_path)
+    assert report.convs == 52
+    assert (report.integer_convs, report.float_convs) == (integer, floating)
+    assert integer + floating == 52 and integer >= 51, report.format_reason  # at most the measured image stem
+    assert set(report.kept_fp32) <= {_stem_name(tiny_mobilenet)}
+    assert f"{integer} of 52 convolutions run as integer kernels" in report.conv_summary
+    assert 0.0 < report.agreement <= 1.0
+
+
+def _stem_name(path):
+    return next(n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv")
+
+
+def test_auto_format_is_measured_and_recorded(tiny_mobilenet, tmp_path):
+    from dlpipe.export.quantize import INT8_FORMATS
+
+    report = quantize(tiny_mobilenet, tmp_path / "q.onnx",
+                      QuantizationConfig("int8", batch=8, calibration_size=32, min_agreement=0.0),
+                      calibration="shapes", check="shapes", check_size=64)
+    assert report.format in INT8_FORMATS
+    tried = {c["format"] for c in report.candidates}
+    assert tried == set(INT8_FORMATS)  # every format built (or its failure reported)
+    timed = [c for c in report.candidates if c.get("p50_ms")]
+    assert timed and all(set(c["p50_ms"]) == {"1", "8"} for c in timed)
+    chosen = [c for c in timed if c["format"] == report.format and c["integer_convs"] == report.integer_convs]
+    assert chosen and all(c["agreement"] is not None for c in timed)
+    q = Engine(report.path, device="cpu").info.raw["quantization"]
+    assert q["format"] == report.format and q["format_requested"] == "auto"
+    assert q["convolutions"] == {"integer": report.integer_convs, "float": report.float_convs, "total": 52}
+    assert q["format_reason"] == report.format_reason and "ms at batch 8" in q["format_reason"]
+
+
+def test_cli_format_choices_are_the_quantizer_formats():
+    from dlpipe.apps.cli import quantize_cmd
+    from dlpipe.export.quantize import FORMATS
+
+    choices = next(p.type.choices for p in quantize_cmd.params if p.name == "int8_format")
+    assert tuple(choices) == FORMATS
