@@ -406,7 +406,9 @@ def _calibrate(prep: Path, folder: Path, cfg: QuantizationConfig, op_types: list
                                    calibrate_method=_calibration_method(cfg), extra_options=options)
     for start in range(0, len(calibration), CALIBRATION_STRIDE):
         chunk = calibration[start:start + CALIBRATION_STRIDE]
-        calibrator.collect_data(ArrayCalibrationReader(input_name, chunk, unbatched=unbatched))
+        # one batch per collection: the histogram collectors (percentile, entropy) stack a collection's
+        # batches, so a short last batch would make them ragged
+        calibrator.collect_data(ArrayCalibrationReader(input_name, chunk, batch=len(chunk), unbatched=unbatched))
     cache = folder / "calibration.json"
     save_tensors_data(calibrator.compute_data(), cache)
     return cache
@@ -624,6 +626,9 @@ def _intermediates(path: Path, names: list[str], inputs: np.ndarray, input_name:
     options.graph_optimization_level = GRAPH_OPTIMIZATION["disable"]
     session = ort.InferenceSession(str(exposed), options, providers=["CPUExecutionProvider"])
     wanted = [o.name for o in session.get_outputs() if o.name in names]
+    if len(session.get_inputs()[0].shape) == inputs.ndim - 1:  # a graph without a batch axis: one at a time
+        runs = [session.run(wanted, {input_name: x}) for x in inputs]
+        return {name: np.concatenate([r[i].ravel() for r in runs]) for i, name in enumerate(wanted)}
     return dict(zip(wanted, session.run(wanted, {input_name: inputs})))
 
 

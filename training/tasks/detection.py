@@ -134,4 +134,7 @@ TASK = Task(
                  quick=dict(epochs=1, limit=96, schedule="none", test_limit=50),
                  app=("detect", "{model}", "{images}", "--out", "{out}"),
                  describe=lambda rows: f"{sum(len(r['detections']) for r in rows)} objects found, drawn",
+                 # the 4-epoch demo detector's confident detections match fp32's at 88-90% in int8 (the
+                 # benchmark's fully trained one loses 0.04 points of mAP); the demo reports the mAP of each
+                 quantize={"calibration_size": 64, "min_agreement": 0.85, "check_size": 64},
                  samples=dataset_samples("shapes-boxes")))
