@@ -195,7 +195,8 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @JSON
 def finetune_cmd(as_json, no_progress, **opts) -> None:
     """Fine-tune a pretrained classifier on your images; writes a checkpoint 'dlpipe export' takes."""
-    from dlpipe.training.finetune import FinetuneConfig, describe, finetune
+    from dlpipe.apps.finetune_report import describe
+    from dlpipe.training.finetune import FinetuneConfig, finetune
 
     r = finetune(FinetuneConfig(progress=not no_progress, **opts))
     emit(r, as_json, describe(r))

@@ -33,10 +33,15 @@ def detect_images(model: str | Path, images: list[str], out: str | Path, thresho
         if isinstance(found, Failure):
             rows.append(failure_row(found, path))
             continue
-        row = {"image": str(path), "width": picture.size[0], "height": picture.size[1], "threshold": threshold,
-               "detections": [d.as_dict() for d in found]}
+        row = detection_row(path, picture, found, threshold)
         with atomic_output(drawn) as tmp:
             draw_detections(picture, found).save(tmp, format="PNG")
         write_json(listing, row)
         rows.append({**row, "drawn": str(drawn), "json": str(listing)})
     return rows
+
+
+def detection_row(name: str, picture, found: list, threshold: float) -> dict[str, Any]:
+    """One image's detections as a result row: the image, its size, the threshold and the detections."""
+    return {"image": str(name), "width": picture.size[0], "height": picture.size[1], "threshold": threshold,
+            "detections": [d.as_dict() for d in found]}

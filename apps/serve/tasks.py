@@ -16,6 +16,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from dlpipe.apps.classify import result_rows
+from dlpipe.apps.detect import detection_row
 from dlpipe.apps.images import failure_row, predict_readable
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.images import Failure, open_image
@@ -79,9 +80,7 @@ def detect(predictor, names, pictures, params) -> list[dict[str, Any]]:
     threshold = _number(params, "threshold", float, 0.5, 0.0, 1.0)
     results = predict_readable(lambda imgs, errors: predictor.predict(imgs, threshold=threshold, errors=errors),
                                pictures, False)
-    return [failure_row(r, name) if isinstance(r, Failure) else
-            {"image": name, "width": p.size[0], "height": p.size[1], "threshold": threshold,
-             "detections": [d.as_dict() for d in r]}
+    return [failure_row(r, name) if isinstance(r, Failure) else detection_row(name, p, r, threshold)
             for name, p, r in zip(names, pictures, results)]
 
 
