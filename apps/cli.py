@@ -147,6 +147,8 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
 @click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False))
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
+@click.option("--init-from", default=None, type=click.Path(dir_okay=False),
+              help="Start from this checkpoint's weights wherever names and shapes match (pretraining).")
 @click.option("--download", is_flag=True, help="Let torchvision download a missing dataset.")
 @click.option("--env", default=None, help="DQN models: gymnasium environment id (CartPole-v1, ALE/Pong-v5...).")
 @click.option("--total-steps", type=click.IntRange(min=1), default=None, help="DQN models: environment steps.")

@@ -155,3 +155,23 @@ def test_training_preprocessing_equals_the_runtime_preprocessing(data_dir):
     train_side = datasets.normalize(datasets.to_nchw(images), info).numpy()
     meta = ModelInfo.from_json(json.dumps({"task": "classification", "preprocessing": info.preprocessing()}))
     assert np.allclose(preprocess(list(images), meta.preprocessing), train_side, atol=1e-5)
+
+
+def test_init_from_copies_matching_weights_and_refuses_an_unrelated_checkpoint(tmp_path):
+    from dlpipe.runtime.errors import ModelFileError
+    from dlpipe.training.checkpoint import load_checkpoint
+    from dlpipe.training.loop import TrainConfig, load_matching
+    from dlpipe.training.registry import get_spec
+    from dlpipe.training.tasks.classification import train
+
+    first = train(TrainConfig(model="lenet5", dataset="shapes", epochs=1, limit=256, test_limit=64, out=str(tmp_path / "a"),
+                              progress=False, threads=1))
+    source = load_checkpoint(first["best"])
+    model = get_spec("lenet5").build(**source["model_args"])
+    names = load_matching(model, first["best"])
+    assert set(names) == set(source["state_dict"])
+    for name in names:
+        assert torch.equal(model.state_dict()[name], source["state_dict"][name])
+    other = get_spec("dmlp").build(**{**source["model_args"]})
+    with pytest.raises(ModelFileError, match="no weights of the same names"):
+        load_matching(other, first["best"])

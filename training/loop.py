@@ -85,6 +85,9 @@ class TrainConfig:
     """torch intra-op threads; torch's default when None."""
     resume: str | None = None
     """Continue from this last.pt."""
+    init_from: str | None = None
+    """Start from the weights of this checkpoint wherever a parameter of the same name and shape exists (an
+    RBM stack's or an autoencoder's encoder for unsupervised pretraining); the rest keep ``init``."""
     progress: bool = True
     """Show a progress bar."""
     examples: int = 32
@@ -224,6 +227,28 @@ def init_weights(model: nn.Module, scheme: str) -> None:
             inits[scheme](m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def load_matching(model: nn.Module, path: str | Path) -> list[str]:
+    """Copy every tensor of the checkpoint at ``path`` whose name and shape ``model`` also has.
+
+    Returns:
+        The names copied.
+
+    Raises:
+        ModelFileError: the file holds no tensor ``model`` can take (a checkpoint of an unrelated model).
+    """
+    source = load_checkpoint(path)["state_dict"]
+    own = model.state_dict()
+    names = [k for k, v in source.items() if k in own and own[k].shape == v.shape]
+    if not names:
+        raise ModelFileError(f"'{path}' holds no weights of the same names and shapes as {type(model).__name__}'s; "
+                             "nothing to start from")
+    for name in names:
+        own[name].copy_(source[name])
+    print(f"init-from: {len(names)} of {len(own)} tensors from {path}", file=sys.stderr)
+    return names
 
 
 def start_run(cfg: Any) -> Path:
@@ -396,6 +421,8 @@ def run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec],
     run = prepare(cfg, spec)
     model, model_args = build_model(spec, run.model_args, cfg.model_args)
     init_weights(model, cfg.init)
+    if cfg.init_from and not cfg.resume:
+        load_matching(model, cfg.init_from)
     optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad], cfg.lr,
                                 cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.schedule, optimizer, cfg.lr, cfg.epochs, len(run.train_loader))

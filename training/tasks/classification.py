@@ -27,6 +27,22 @@ from dlpipe.training.tasks.common import (dataset_info, dataset_samples, model_i
                                           supervised_command, supervised_summary, top1_agreement)
 
 METRIC = Metric("acc", "accuracy", (("loss", "val_loss"), ("acc", "val_acc")))
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
+
+
+def classification_loss(outputs: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a classifier's logits, and the logits.
+
+    A model whose training-mode forward returns ``(logits, *auxiliary logits)`` (GoogLeNet's auxiliary
+    classifiers) adds each auxiliary loss weighted by :data:`AUX_LOSS_WEIGHT`; in eval mode (and in its ONNX
+    graph) it returns the logits alone.
+    """
+    logits, *aux = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    for extra in aux:
+        loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(extra, labels, label_smoothing=label_smoothing)
+    return loss, logits
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler=None,
@@ -41,8 +57,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     total_loss, correct, seen, targets = 0.0, 0, 0, 0
     start = time.perf_counter()
     for images, labels in loader:
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss, logits = classification_loss(model(images), labels, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
