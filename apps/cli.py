@@ -90,15 +90,30 @@ def cli() -> None:
 
 
 @cli.command("models")
+@click.argument("name", required=False)
 @JSON
-def models_cmd(as_json: bool) -> None:
-    """List the registered models."""
+def models_cmd(name: str | None, as_json: bool) -> None:
+    """List the registered models and their training recipes; with NAME, that model's recipes in full
+    (what `dlpipe train NAME --recipe R` runs when no other flag is given)."""
     from dlpipe.training.registry import get_spec, list_models
 
+    if name is not None:
+        spec = get_spec(name)
+        recipes = {r: spec.recipe_for(None, r) for r in spec.recipe.names}
+        keys = [k for k in recipes["default"] if k not in ("model", "dataset", "recipe")]
+        rows = [[r, *(json.dumps(s[k]) if isinstance(s[k], dict) else s[k] for k in keys)] for r, s in recipes.items()]
+        head = (f"{spec.name} ({spec.task}), default dataset {spec.default_dataset}"
+                + (f"; measured by {spec.recipe.benchmark}" if spec.recipe.benchmark else "")
+                + (f"; dataset overrides: {', '.join(spec.recipe.datasets)}" if spec.recipe.datasets else ""))
+        emit({"name": spec.name, "task": spec.task, "default_dataset": spec.default_dataset,
+              "benchmark": spec.recipe.benchmark, "recipes": recipes,
+              "dataset_overrides": {k: dict(v) for k, v in spec.recipe.datasets.items()}}, as_json,
+             head + "\n" + table(rows, ["recipe", *keys]))
+        return
     specs = [get_spec(n) for n in list_models()]
-    rows = [[s.name, s.task, s.default_dataset, s.description] for s in specs]
-    emit([dict(zip(["name", "task", "default_dataset", "description"], r)) for r in rows], as_json,
-         table(rows, ["model", "task", "default dataset", "description"]))
+    rows = [[s.name, s.task, s.default_dataset, ", ".join(s.recipe.names), s.description] for s in specs]
+    emit([dict(zip(["name", "task", "default_dataset", "recipes", "description"], r)) for r in rows], as_json,
+         table(rows, ["model", "task", "default dataset", "recipes", "description"]))
 
 
 def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:

@@ -146,3 +146,16 @@ def test_mnist_bench_trains_what_the_plain_command_trains(monkeypatch, tmp_path)
     plain = asdict(resolve_config(TrainConfig(model="deep_convnet", seed=2)))
     bench = asdict(resolve_config(seen[0]))
     assert {k: bench[k] for k in RECIPE_FIELDS} == {k: plain[k] for k in RECIPE_FIELDS}
+
+
+def test_models_command_lists_recipes_and_shows_one_models_recipes_as_train_resolves_them():
+    listed = json.loads(CliRunner().invoke(cli, ["models", "--json"]).output)
+    assert {r["name"]: r["recipes"] for r in listed}["deep_convnet"] == ", ".join(get_spec("deep_convnet").recipe.names)
+    result = CliRunner().invoke(cli, ["models", "deep_convnet", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)["recipes"]
+    for name in get_spec("deep_convnet").recipe.names:
+        resolved = resolve_config(TrainConfig(model="deep_convnet", recipe=name))
+        assert shown[name]["epochs"] == resolved.epochs and shown[name]["augment"] == resolved.augment
+    bad = CliRunner().invoke(cli, ["models", "no-such-model"])
+    assert bad.exit_code != 0 and "unknown model 'no-such-model'" in bad.output
