@@ -146,6 +146,16 @@ def test_export_repo_writes_configs_triton_parses(tmp_path, linear):
         x = np.ones((2, 4), np.float32)
         answer = httpx.post(f"{url}/v2/models/fixed/infer", json=_body(x), timeout=TIMEOUT).json()
         assert answer["outputs"][0]["shape"] == [2, 3]
+        # the served configuration, read by Triton's own client, is the message config.pbtxt holds
+        import tritonclient.http as triton
+        from google.protobuf import json_format
+
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        for name in ("linear", "fixed"):
+            served = json_format.ParseDict(client.get_model_config(name), model_config_pb2.ModelConfig())
+            assert served == text_format.Parse((tmp_path / "repo" / name / "config.pbtxt").read_text(),
+                                               model_config_pb2.ModelConfig())
+        assert httpx.get(f"{url}/v2/models/nope/config", timeout=TIMEOUT).status_code == 404
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)

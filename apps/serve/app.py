@@ -18,6 +18,7 @@ from dlpipe.apps.serve.http import AccessLog, HTTPError, error_response, read_bo
 from dlpipe.apps.serve.metrics import CONTENT_TYPE, Metrics
 from dlpipe.apps.serve.repository import Repository, ServedModel
 from dlpipe.apps.serve.routes_v1 import add_task_routes
+from dlpipe.apps.serve.triton_repo import model_config
 from dlpipe.runtime.errors import DlpipeError
 
 SERVER_NAME = "dlpipe"
@@ -192,6 +193,12 @@ def _add_v2_routes(app: FastAPI, server: Server) -> None:
             return JSONResponse(model_metadata(model, server.repository.versions(name)))
         return await _guarded(handle)
 
+    async def config(name: str, version: str | None = None) -> Response:
+        async def handle():
+            model = server.model(name, version)
+            return JSONResponse(model_config(name, model.engine, model.settings, model.engine.device))
+        return await _guarded(handle)
+
     async def model_ready(name: str, version: str | None = None) -> Response:
         async def handle():
             server.model(name, version)
@@ -211,6 +218,8 @@ def _add_v2_routes(app: FastAPI, server: Server) -> None:
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.get(prefix, summary="Model metadata", responses=not_found)(metadata)
         app.get(prefix + "/ready", summary="Model readiness", responses=not_found)(model_ready)
+        app.get(prefix + "/config", summary="Model configuration (Triton's ModelConfig as JSON)",
+                responses=not_found)(config)
         app.post(prefix + "/infer", summary="Inference (JSON or binary tensors)", **infer_doc)(infer)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

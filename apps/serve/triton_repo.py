@@ -28,6 +28,7 @@ TRITON_TYPES = {"tensor(bool)": "TYPE_BOOL", "tensor(uint8)": "TYPE_UINT8", "ten
 LABELLED_OUTPUT = {"classification": 0}
 LABELS_FILE = "labels.txt"
 KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
+ENUM_FIELDS = ("data_type", "kind")  # written bare in text format (TYPE_FP32, KIND_CPU), not quoted
 
 
 def _dims(shape: list, batched: bool) -> list[int]:
@@ -35,12 +36,11 @@ def _dims(shape: list, batched: bool) -> list[int]:
     return dims[1:] if batched else dims
 
 
-def _tensor(kind: str, spec, batched: bool, labels: bool) -> str:
+def _tensor(kind: str, spec, batched: bool, labels: bool) -> dict:
     if spec.type not in TRITON_TYPES:
         raise ModelFileError(f"{kind} '{spec.name}' has type {spec.type}, which Triton cannot take")
-    extra = f'\n    label_filename: "{LABELS_FILE}"' if labels else ""
-    return (f"  {{\n    name: {json.dumps(spec.name)}\n    data_type: {TRITON_TYPES[spec.type]}\n"
-            f"    dims: {_dims(spec.shape, batched)}{extra}\n  }}")
+    return {"name": spec.name, "data_type": TRITON_TYPES[spec.type], "dims": _dims(spec.shape, batched),
+            **({"label_filename": LABELS_FILE} if labels else {})}
 
 
 def batch_axis(engine: Engine) -> bool:
@@ -48,21 +48,41 @@ def batch_axis(engine: Engine) -> bool:
     return all(s.shape and not isinstance(s.shape[0], int) for s in [*engine.inputs, *engine.outputs])
 
 
-def config_pbtxt(name: str, engine: Engine, settings: ModelSettings, device: str) -> str:
-    """Triton's ``config.pbtxt`` for the ONNX model of ``engine``."""
+def model_config(name: str, engine: Engine, settings: ModelSettings, device: str) -> dict:
+    """Triton's model configuration for the ONNX model of ``engine``, in the JSON form of its ``ModelConfig``
+    message (what Triton answers at ``GET /v2/models/{name}/config`` and ``config.pbtxt`` holds as text)."""
     batched = settings.max_batch_size > 0 and batch_axis(engine)
     labelled = LABELLED_OUTPUT.get(engine.info.task) if engine.info and engine.info.labels else None
-    inputs = ",\n".join(_tensor("input", s, batched, False) for s in engine.inputs)
-    outputs = ",\n".join(_tensor("output", s, batched, i == labelled) for i, s in enumerate(engine.outputs))
-    lines = [f"name: {json.dumps(name)}", 'platform: "onnxruntime_onnx"',
-             f"max_batch_size: {settings.max_batch_size if batched else 0}",
-             f"input [\n{inputs}\n]", f"output [\n{outputs}\n]",
-             f"instance_group [\n  {{\n    count: {settings.instances}\n    kind: {KINDS[device]}\n  }}\n]"]
+    config = {"name": name, "platform": "onnxruntime_onnx", "max_batch_size": settings.max_batch_size if batched else 0,
+              "input": [_tensor("input", s, batched, False) for s in engine.inputs],
+              "output": [_tensor("output", s, batched, i == labelled) for i, s in enumerate(engine.outputs)],
+              "instance_group": [{"count": settings.instances, "kind": KINDS[device]}]}
     if batched:
-        preferred = f"\n  preferred_batch_size: {list(settings.preferred_batch_size)}" if settings.preferred_batch_size else ""
-        lines.append(f"dynamic_batching {{{preferred}\n  max_queue_delay_microseconds: "
-                     f"{round(settings.max_queue_delay_ms * 1000)}\n}}")
-    return "\n".join(lines) + "\n"
+        config["dynamic_batching"] = {
+            **({"preferred_batch_size": list(settings.preferred_batch_size)} if settings.preferred_batch_size else {}),
+            "max_queue_delay_microseconds": round(settings.max_queue_delay_ms * 1000)}
+    return config
+
+
+def _pbtxt(value, indent: str = "") -> str:
+    """A JSON-like value in protobuf text format (messages in braces, repeated messages in brackets)."""
+    lines = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            lines.append(f"{indent}{key} {{\n{_pbtxt(item, indent + '  ')}\n{indent}}}")
+        elif isinstance(item, list) and item and isinstance(item[0], dict):
+            body = ",\n".join(f"{indent}  {{\n{_pbtxt(m, indent + '    ')}\n{indent}  }}" for m in item)
+            lines.append(f"{indent}{key} [\n{body}\n{indent}]")
+        elif isinstance(item, str) and key not in ENUM_FIELDS:
+            lines.append(f"{indent}{key}: {json.dumps(item)}")
+        else:
+            lines.append(f"{indent}{key}: {item}")
+    return "\n".join(lines)
+
+
+def config_pbtxt(name: str, engine: Engine, settings: ModelSettings, device: str) -> str:
+    """Triton's ``config.pbtxt`` for the ONNX model of ``engine``."""
+    return _pbtxt(model_config(name, engine, settings, device)) + "\n"
 
 
 def export_repository(models: list[str | Path], out: str | Path, settings: ModelSettings, device: str = "cpu",
