@@ -313,6 +313,8 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
         human += (f"\nint8 candidates (format chosen: {report.format}):\n"
                   + table(rows, ["candidate", "int convs", "float convs", "agreement", "p50 ms"])
                   + f"\nwhy: {report.format_reason}")
+    if report.warning:
+        click.echo(f"warning: {report.warning}", err=True)
     emit(report.as_dict(), as_json, human)
 
 

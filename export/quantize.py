@@ -140,6 +140,9 @@ class QuantizeReport:
     integer_convs: int = 0  # convolution kernels onnxruntime runs in int8 (its optimized graph, this CPU)
     float_convs: int = 0  # convolution kernels it runs in float
     conv_kernels: dict[str, int] = field(default_factory=dict)  # the optimized graph's convolution operators
+    fp32_p50_ms: dict[str, float] = field(default_factory=dict)  # int8 auto: fp32 timed beside the candidates
+    int8_p50_ms: dict[str, float] = field(default_factory=dict)  # int8 auto: the candidate kept, timed beside fp32
+    warning: str = ""  # int8 auto: set when the model built is no faster than fp32 at any batch size timed
 
     @property
     def conv_summary(self) -> str:
@@ -323,6 +326,9 @@ class Conversion:
     reason: str
     candidates: list[dict[str, Any]] = field(default_factory=list)
     search: str = ""  # what leaving convolutions out of quantization achieved, when no candidate passed the gate
+    fp32_p50_ms: dict[str, float] = field(default_factory=dict)  # fp32 timed beside the candidates
+    int8_p50_ms: dict[str, float] = field(default_factory=dict)  # the candidate kept, timed beside fp32
+    warning: str = ""  # said when the int8 model built is no faster than fp32 at any batch size timed
 
 
 @dataclass
@@ -568,7 +574,20 @@ def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, in
             why += (f"; image stem {', '.join(stems)} in {where}: with it in int8 {_describe(twins[True])}, "
                     f"in float {_describe(twins[False])}")
     why += "; fp32 " + ", ".join(f"{v:.3g} ms at batch {b}" for b, v in fp32_ms.items())
-    return Conversion(winner.format, winner.excluded, why, [*(c.as_dict() for c in candidates), *failed], search), winner
+    return Conversion(winner.format, winner.excluded, why, [*(c.as_dict() for c in candidates), *failed], search,
+                      {str(b): round(v, 4) for b, v in fp32_ms.items()}, {str(b): round(v, 4) for b, v in
+                      winner.p50_ms.items()}, _slower_warning(winner, fp32_ms)), winner
+
+
+def _slower_warning(winner: _Candidate, fp32_ms: dict[int, float]) -> str:
+    """A warning when the int8 model is no faster than fp32 at every batch size timed (small convolutions, where
+    quantizing and dequantizing costs more than integer kernels save): it is still smaller, but not faster."""
+    timed = [b for b in fp32_ms if b in winner.p50_ms]
+    if not timed or any(winner.p50_ms[b] < fp32_ms[b] for b in timed):
+        return ""
+    return ("int8 is no faster than fp32 on this CPU (" + ", ".join(
+        f"batch {b}: {winner.p50_ms[b]:.3g} vs {fp32_ms[b]:.3g} ms" for b in timed) + "); keep the fp32 model where "
+        "speed matters: the int8 one is only smaller")
 
 
 def _float_search(build: _Int8Build, judge: Judge, start: _Candidate, excluded: list[str], calibration: np.ndarray,
@@ -700,6 +719,8 @@ def _what_was_done(conversion: Conversion, convs: dict[str, Any], config: Quanti
     """The conversion's format, why, its candidates and convolution counts, for the model's metadata."""
     return {"format": conversion.format, "format_requested": config.format if config.precision == "int8" else None,
             "format_reason": conversion.reason, "candidates": conversion.candidates,
+            "fp32_p50_ms": conversion.fp32_p50_ms, "int8_p50_ms": conversion.int8_p50_ms,
+            "warning": conversion.warning,
             "convolutions": {"integer": convs["integer_convs"], "float": convs["float_convs"], "total": convs["convs"]}}
 
 
@@ -762,7 +783,9 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
                           op_counts=_op_counts(model), kept_fp32=conversion.kept, seconds=time.perf_counter() - start,
                           agreement_name=policy.agreement_name,
                           format=conversion.format if config.precision == "int8" else None,
-                          format_reason=conversion.reason, candidates=conversion.candidates, **convs)
+                          format_reason=conversion.reason, candidates=conversion.candidates,
+                          fp32_p50_ms=conversion.fp32_p50_ms, int8_p50_ms=conversion.int8_p50_ms,
+                          warning=conversion.warning, **convs)
 
 
 def _fp32_model(model_path: Path):

@@ -210,6 +210,11 @@ def test_auto_format_is_measured_and_recorded(tiny_mobilenet, tmp_path):
     assert q["format"] == report.format and q["format_requested"] == "auto"
     assert q["convolutions"] == {"integer": report.integer_convs, "float": report.float_convs, "total": 52}
     assert q["format_reason"] == report.format_reason and "ms at batch 8" in q["format_reason"]
+    # the warning says int8 is no faster exactly when the chosen candidate lost to fp32 at every batch size
+    assert set(report.fp32_p50_ms) == {"1", "8"} and q["warning"] == report.warning
+    assert any(c["p50_ms"] == report.int8_p50_ms for c in chosen)
+    slower = all(report.int8_p50_ms[b] >= report.fp32_p50_ms[b] for b in ("1", "8"))
+    assert bool(report.warning) == slower, (report.warning, report.int8_p50_ms, report.fp32_p50_ms)
 
 
 def test_cli_format_choices_are_the_quantizer_formats():
