@@ -159,3 +159,38 @@ def test_export_repo_writes_configs_triton_parses(tmp_path, linear):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)
+
+
+def test_compressed_bodies_both_ways_and_a_gzip_bomb_is_refused(linear):
+    """tritonclient with gzip/deflate request and gzip response compression gets the right tensor back; a body
+    that inflates past the limit is 413 (it is never inflated whole), bad data 400, an unknown encoding 415."""
+    import gzip
+    import zlib
+
+    import tritonclient.http as triton
+
+    proc, url = _start([linear, "--no-access-log", "--max-body-mb", "1"])
+    try:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        x = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+        for request_algorithm in ("gzip", "deflate"):
+            tensor = triton.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=False)
+            result = client.infer("linear", [tensor], request_compression_algorithm=request_algorithm,
+                                  response_compression_algorithm="gzip")
+            np.testing.assert_allclose(result.as_numpy("y"), x @ np.arange(12, dtype=np.float32).reshape(4, 3),
+                                       rtol=1e-5)
+        answer = httpx.post(f"{url}/v2/models/linear/infer", json=_body(x), headers={"accept-encoding": "gzip"},
+                            timeout=TIMEOUT)
+        assert answer.headers.get("content-encoding") == "gzip" and answer.json()["outputs"][0]["shape"] == [64, 3]
+        infer = f"{url}/v2/models/linear/infer"
+        bomb = gzip.compress(b" " * (64 * 2**20))  # 64 MiB of spaces in about 64 KiB
+        assert len(bomb) < 2**20
+        for body, encoding, status in ((bomb, "gzip", 413), (b"not gzip at all", "gzip", 400),
+                                       (zlib.compress(b"{}")[:-3], "deflate", 400), (b"{}", "br", 415)):
+            r = httpx.post(infer, content=body, headers={"content-encoding": encoding,
+                                                         "content-type": "application/json"}, timeout=TIMEOUT)
+            assert r.status_code == status and r.json()["error"], (encoding, r.status_code, r.text)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)

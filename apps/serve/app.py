@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.gzip import GZipMiddleware
 
 from dlpipe.apps.serve import protocol
 from dlpipe.apps.serve.batcher import BatchTooLarge, Batcher, NotReady, Overloaded
@@ -25,6 +26,8 @@ SERVER_NAME = "dlpipe"
 EXTENSIONS = ["binary_tensor_data"]
 # 503 answers say when to come back: the queue drains within a few batches.
 RETRY_AFTER = "1"
+# Responses smaller than this go uncompressed even to clients that accept gzip (a classifier's few logits).
+GZIP_MIN_BYTES = 1024
 
 
 @dataclass
@@ -123,8 +126,6 @@ class Server:
         if content_type.startswith("multipart/"):
             raise HTTPError(415, "inference requests are JSON (optionally with binary tensors); image uploads go "
                                  f"to /v1/models/{name}/predict")
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise HTTPError(415, f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
         body = await read_body(request, self.limits.max_body_bytes)
         started = time.perf_counter()
         parsed = protocol.parse_infer_request(body, request.headers.get(protocol.HEADER_LENGTH))
@@ -256,5 +257,6 @@ def create_app(repository: Repository, limits: ServerLimits | None = None) -> Fa
     app.state.server = server
     _add_v2_routes(app, server)
     add_task_routes(app, server, _counted)
+    app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # only for clients that accept gzip
     app.add_middleware(AccessLog)
     return app

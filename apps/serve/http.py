@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -14,6 +15,9 @@ ACCESS_LOG = logging.getLogger("dlpipe.serve.access")
 # A body over the limit is still read (and dropped) up to this many bytes, so the client, still sending,
 # receives the 413 instead of a reset connection; past it the connection is closed.
 DRAIN_LIMIT = 256 * 2**20
+# Request bodies the protocol lets clients compress (tritonclient's request_compression_algorithm): zlib's
+# window bits for each Content-Encoding.
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "identity": None}
 
 
 class HTTPError(Exception):
@@ -53,7 +57,31 @@ async def read_body(request: Request, limit: int) -> bytes:
                              "(dlpipe serve --max-body-mb)", {"connection": "close"})
     if declared is not None and declared.isdigit() and int(declared) != size:
         raise HTTPError(400, f"the request body has {size} bytes, Content-Length says {declared}")
-    return b"".join(chunks)
+    return _decoded(b"".join(chunks), request.headers.get("content-encoding", "identity").strip().lower(), limit)
+
+
+def _decoded(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body inflated, to at most ``limit`` bytes (a small compressed body must not expand
+    into gigabytes).
+
+    Raises:
+        HTTPError: 415 for another encoding, 400 for data that does not inflate, 413 past the limit.
+    """
+    if encoding not in ENCODINGS:
+        raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or identity")
+    if ENCODINGS[encoding] is None:
+        return body
+    inflater = zlib.decompressobj(ENCODINGS[encoding])
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HTTPError(400, f"the {encoding} request body does not inflate: {exc}") from None
+    if len(out) > limit:
+        raise HTTPError(413, f"the {encoding} request body inflates to more than {limit:,} bytes, the server's limit "
+                             "(dlpipe serve --max-body-mb)")
+    if not inflater.eof:
+        raise HTTPError(400, f"the {encoding} request body is truncated")
+    return out
 
 
 class AccessLog:
