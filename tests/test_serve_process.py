@@ -194,3 +194,34 @@ def test_compressed_bodies_both_ways_and_a_gzip_bomb_is_refused(linear):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)
+
+
+def test_access_log_lines_and_clients_that_disconnect_mid_request(linear):
+    """One JSON access-log line per request with its method, path and status; clients that hang up halfway
+    through sending a body, or while their request waits in the batch queue, leave the server answering."""
+    import socket
+
+    proc, url = _start([linear, "--no-idle-run", "--max-queue-delay-ms", "300"])
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(_body(np.ones((1, 4), np.float32))).encode()
+    try:
+        assert httpx.get(f"{url}/v2/health/live", timeout=TIMEOUT).status_code == 200
+        assert httpx.post(f"{url}/v2/models/nope/infer", json={}, timeout=TIMEOUT).status_code == 404
+        head = (f"POST /v2/models/linear/infer HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        for sent in (head + body[:10], head + body):  # half a body; a whole one, then gone before the answer
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(sent)
+                time.sleep(0.05)
+        time.sleep(0.5)  # the abandoned request's batch runs
+        answer = httpx.post(f"{url}/v2/models/linear/infer", json=_body(np.ones((1, 4), np.float32)), timeout=TIMEOUT)
+        assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [18.0, 22.0, 26.0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    seen = [(r["method"], r["path"], r["status"]) for r in lines]
+    assert ("GET", "/v2/health/live", 200) in seen and ("POST", "/v2/models/nope/infer", 404) in seen
+    assert seen.count(("POST", "/v2/models/linear/infer", 200)) >= 1
+    assert all(r["ms"] >= 0 and r["client"].startswith("127.0.0.1:") for r in lines)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
