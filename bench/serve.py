@@ -5,8 +5,13 @@ onnxruntime session for reference. Loopback only, bounded load (a fixed time per
 
 Usage:
     python bench/serve.py --model deep_convnet.onnx [--seconds 5] [--clients 1,8,32,128]
+        [--pytriton /path/to/python3.10-with-nvidia-pytriton]
 
-The PyTriton side-by-side of the issue is not part of this script yet (see the README's Serving section).
+With ``--pytriton PYTHON`` every run is repeated, side by side, against a real Triton server (NVIDIA PyTriton:
+Triton's HTTP front end and dynamic batcher, the same onnxruntime session in its Python infer function,
+``bench/pytriton_server.py``) with the same load generator, the same model, threads, maximum batch and
+queue delay. PyTriton needs Python 3.10 here and its bundled Python backend needs ``libpython3.10.so`` on
+``LD_LIBRARY_PATH`` (set from PYTHON's prefix).
 """
 
 from __future__ import annotations
@@ -100,17 +105,64 @@ def _breakdown(url: str) -> dict:
     return out
 
 
-def _one_run(model: str, batching: bool, clients: int, mode: str, args) -> dict:
-    proc, url = _server(model, batching, args.threads)
+def _pytriton(model: str, python: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """PyTriton serving ``model`` (dynamic batching up to 64, 2 ms queue delay, as ``dlpipe serve`` here) in its
+    own process group, once Triton answers ready."""
+    import httpx
+
+    from dlpipe.apps.serve.run import free_port
+
+    port = free_port()
+    lib = Path(python).resolve().parent.parent / "lib"
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    proc = subprocess.Popen([python, str(Path(__file__).with_name("pytriton_server.py")), model, "--port", str(port),
+                             "--threads", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/v2/models/model/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    _stop_group(proc)
+    raise RuntimeError(f"PyTriton did not start under {python}")
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGINT to the server's whole process group (PyTriton starts tritonserver and its Python stubs), then
+    SIGKILL to whatever is left after 30 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+        time.sleep(1)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _one_run(model: str, batching: bool, clients: int, mode: str, args, server: str = "dlpipe") -> dict:
+    if server == "pytriton":
+        proc, url = _pytriton(model, args.pytriton, args.threads)
+    else:
+        proc, url = _server(model, batching, args.threads)
     try:
         load = subprocess.run([sys.executable, __file__, "--load", url, "--clients", str(clients), "--seconds",
                                str(args.seconds), "--mode", mode, "--shape", args.shape],
                               capture_output=True, text=True, timeout=args.seconds + 120)
         result = json.loads(load.stdout.strip().splitlines()[-1])
-        return {"batching": batching, **result, **_breakdown(url)}
+        return {"server": server, "batching": batching, **result, **(_breakdown(url) if server == "dlpipe" else {})}
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        if server == "pytriton":
+            _stop_group(proc)
+        else:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
 
 
 def _bare(model: str, shape: list[int], threads: int) -> dict:
@@ -129,6 +181,18 @@ def _bare(model: str, shape: list[int], threads: int) -> dict:
     return out
 
 
+def _ratios(runs: list[dict]) -> dict:
+    """dlpipe's throughput over PyTriton's, both batching, per mode and client count."""
+    out = {}
+    for r in runs:
+        if r["server"] == "dlpipe" and r["batching"]:
+            twin = next((t for t in runs if t["server"] == "pytriton" and t["mode"] == r["mode"]
+                         and t["clients"] == r["clients"]), None)
+            if twin and twin["throughput_rps"]:
+                out[f"{r['mode']}_c{r['clients']}"] = round(r["throughput_rps"] / twin["throughput_rps"], 2)
+    return {"dlpipe_over_pytriton_throughput": out}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="ONNX model (served as 'model').")
@@ -138,6 +202,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shape", default="1,3,32,32", help="One request's input shape.")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--pytriton", default=None, metavar="PYTHON",
+                        help="A Python with nvidia-pytriton: repeat the batching runs against a real Triton server.")
+    parser.add_argument("--no-off", action="store_true", help="Leave out the runs with batching off.")
     parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # the load-generator process
     parser.add_argument("--mode", default="json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,14 +219,16 @@ def main() -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.write_bytes(with_model.read_bytes())
     runs = []
+    servers = [("dlpipe", True), *([] if args.no_off else [("dlpipe", False)]),
+               *([("pytriton", True)] if args.pytriton else [])]
     for mode in args.modes.split(","):
-        for batching in (True, False):
-            for clients in (int(c) for c in args.clients.split(",")):
-                runs.append(_one_run(str(link), batching, clients, mode, args))
+        for clients in (int(c) for c in args.clients.split(",")):
+            for server, batching in servers:  # side by side: each client count on every server in turn
+                runs.append(_one_run(str(link), batching, clients, mode, args, server))
                 print(json.dumps(runs[-1]), flush=True)
     payload = {"model": str(with_model), "seconds_per_run": args.seconds, "threads": args.threads,
                "shape": shape, "bare_session": _bare(str(link), shape, args.threads), "runs": runs,
-               "pytriton": "not measured in this run"}
+               "pytriton": _ratios(runs) if args.pytriton else "not measured in this run"}
     print(write_result("serve", payload, args.out))
 
 
