@@ -26,6 +26,11 @@ def caption_images(model: str | Path, images: list[str], beam: int | None = None
     pictures = open_images(images, fail_fast, max_pixels)
     results = predict_readable(lambda imgs, errors: captioner.predict(imgs, beam=width, errors=errors),
                                pictures, fail_fast)
-    return [failure_row(r, path) if isinstance(r, Failure) else
-            {"image": str(path), "caption": r.sentence, "score": r.score, "log_prob": r.log_prob, "beam": width}
-            for path, r in zip(images, results)]
+    return caption_rows(images, results, width)
+
+
+def caption_rows(names: list[str], results: list, width: int) -> list[dict[str, Any]]:
+    """One row per image: its name, caption, scores and the beam width, or its ``error``."""
+    return [failure_row(r, name) if isinstance(r, Failure) else
+            {"image": str(name), "caption": r.sentence, "score": r.score, "log_prob": r.log_prob, "beam": width}
+            for name, r in zip(names, results)]

@@ -4,6 +4,7 @@ following the preprocessing in the model's metadata, with clear errors for bad i
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from dataclasses import dataclass
@@ -84,15 +85,32 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
             the file.
     """
     path = Path(path)
-    limit = _max_pixels if max_pixels is None else max_pixels
     if not path.exists():
         raise InputError(f"image '{path}' does not exist")
     if path.is_dir():
         raise InputError(f"'{path}' is a folder, not an image file")
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """:func:`open_image` for an image held in memory (e.g. a Parquet column of encoded PNG/JPEG bytes),
+    with the same pixel limit, orientation and 8-bit scaling; ``name`` identifies it in errors.
+
+    Raises:
+        InputError: bytes that are not an image, a damaged one, or one over the pixel limit (naming it).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"'{name}': expected encoded image bytes, got {type(data).__name__}")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | io.BytesIO, path: str | Path, max_pixels: int | None) -> Image.Image:
+    """Decode ``source`` (a file or an in-memory one), naming it ``path`` in errors."""
+    limit = _max_pixels if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():  # the limit below decides; Pillow's warning would only repeat it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
         with img:
             _check_size(path, img.size, limit)
             img.load()
@@ -111,7 +129,7 @@ def open_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         raise InputError(f"'{path}' is a truncated or damaged image ({type(exc).__name__}: {exc})") from None
 
 
-def _check_size(path: Path, size: tuple[int, int], limit: int) -> None:
+def _check_size(path: str | Path, size: tuple[int, int], limit: int) -> None:
     w, h = size
     if w * h > limit:
         raise InputError(f"'{path}' declares {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "

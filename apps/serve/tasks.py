@@ -6,8 +6,6 @@ decompression-bomb limit)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +13,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from dlpipe.apps.classify import result_rows
-from dlpipe.apps.detect import detection_row
-from dlpipe.apps.images import failure_row, predict_readable
+from dlpipe.apps.task_rows import classify, detect, segment
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.images import Failure, open_image
 from dlpipe.runtime.predictors import Predictor
@@ -33,57 +29,7 @@ class Upload:
     data: bytes
 
 
-def _png(array) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def _flag(params: dict[str, str], key: str) -> bool:
-    return params.get(key, "false").lower() in ("1", "true", "yes")
-
-
-def _number(params: dict[str, str], key: str, kind: type, default, low, high):
-    try:
-        value = kind(params.get(key, default))
-    except ValueError:
-        raise InputError(f"query parameter {key} must be a {kind.__name__}, got {params[key]!r}") from None
-    if not low <= value <= high:
-        raise InputError(f"query parameter {key} must be between {low} and {high}, got {value}")
-    return value
-
-
-def classify(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    top_k = _number(params, "top_k", int, 3, 1, 1000)
-    results = predict_readable(lambda imgs, errors: predictor.predict(imgs, top_k=top_k, errors=errors),
-                               pictures, False)
-    return result_rows(names, results)
-
-
-def segment(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    results = predict_readable(predictor.predict, pictures, False)
-    rows = []
-    for name, picture, r in zip(names, pictures, results):
-        if isinstance(r, Failure):
-            rows.append(failure_row(r, name))
-            continue
-        row = {"image": name, "shares": r.shares}
-        if _flag(params, "mask"):
-            row["mask_png"] = _png(r.mask)
-        if _flag(params, "overlay"):
-            row["overlay_png"] = _png(r.overlay(picture))
-        rows.append(row)
-    return rows
-
-
-def detect(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    threshold = _number(params, "threshold", float, 0.5, 0.0, 1.0)
-    results = predict_readable(lambda imgs, errors: predictor.predict(imgs, threshold=threshold, errors=errors),
-                               pictures, False)
-    return [failure_row(r, name) if isinstance(r, Failure) else detection_row(name, p, r, threshold)
-            for name, p, r in zip(names, pictures, results)]
-
-
+# the rows themselves are built in apps/task_rows.py, shared with `dlpipe predict`
 # task -> how its images are answered
 TASK_ENDPOINTS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "classification": classify, "segmentation": segment, "detection": detect}
