@@ -214,7 +214,7 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
         raise ModelFileError(f"'{manifest}' is not a readable JSON manifest ({type(exc).__name__}: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != PACKAGE_FORMAT:
         raise ModelFileError(f"'{manifest}' is not a dlpipe model package manifest (no format '{PACKAGE_FORMAT}')")
-    for key in ("task", "graphs", "vocabulary", "preprocessing", "decoding"):
+    for key in ("task", "graphs", "preprocessing"):
         if key not in doc:
             raise ModelFileError(f"'{manifest}': manifest has no '{key}'")
     return manifest, doc
@@ -258,6 +258,9 @@ class Captioner:
         doc = self.manifest
         if doc["task"] != "captioning":
             raise ModelFileError(f"'{self.manifest_path}' is a {doc['task']!r} package, not a captioner")
+        for key in ("vocabulary", "decoding"):  # what a captioner's manifest holds beyond any package's
+            if key not in doc:
+                raise ModelFileError(f"'{self.manifest_path}': manifest has no '{key}'")
         folder = self.manifest_path.parent
         graphs = doc["graphs"]
         if (not isinstance(graphs, dict) or not {"encoder", "decoder"} <= set(graphs)
@@ -354,5 +357,5 @@ def is_package(path: str | Path) -> bool:
 
 
 def load_package(path: str | Path, device: str = "auto", threads: int | None = None) -> Captioner:
-    """Open a model package; today every package is a captioner."""
+    """Open a captioner package (:func:`dlpipe.runtime.load` opens any package by its manifest's task)."""
     return Captioner(path, device=device, threads=threads)
