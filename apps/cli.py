@@ -4,6 +4,7 @@ print. Heavy imports (torch) happen inside the commands, so ``dlpipe --help`` st
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -130,11 +131,19 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
     return args or None
 
 
+def _quiet_distributed(opts: dict) -> None:
+    """Distributed runs: torch's C++ layer (read once, before torch loads) logs a lost peer as a warning with
+    a native stack trace; the failure is reported as one line instead."""
+    if opts.get("nproc") or (opts.get("nnodes") or 1) > 1:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
 @cli.command("train")
 @click.argument("model")
 @click.option("--dataset", default=None,
               help="mnist, fashion-mnist, shapes, shapes-scenes, mnist-scenes, shapes-boxes, mnist-boxes, "
-                   "voc-seg:ROOT, voc-det:ROOT, coco:ROOT... (default: the model's).")
+                   "voc-seg:ROOT, voc-det:ROOT, coco:ROOT, folder:ROOT (ROOT/CLASS/IMAGE, 64x64 RGB)... "
+                   "(default: the model's).")
 @click.option("--epochs", type=click.IntRange(min=1), default=None)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--lr", type=float, default=None, help="(Peak) learning rate.")
@@ -169,11 +178,36 @@ def _model_args(ctx, param, values: tuple[str, ...]) -> dict | None:
 @click.option("--total-steps", type=click.IntRange(min=1), default=None, help="DQN models: environment steps.")
 @click.option("--buffer-size", type=click.IntRange(min=1), default=None, help="DQN models: replay buffer capacity.")
 @click.option("--double-dqn", is_flag=True, default=None, help="DQN models: Double DQN targets.")
+@click.option("--style", default=None, type=click.Path(dir_okay=False),
+              help="stylizer: the style image (default: a built-in procedural brush-stroke texture).")
+@click.option("--classifier", default=None, type=click.Path(dir_okay=False),
+              help="GAN models: a classifier best.pt of the dataset that judges the samples (default: train LeNet-5).")
+@click.option("--cd-k", type=click.IntRange(min=1), default=None, help="RBM models: Gibbs steps of contrastive divergence.")
+@click.option("--persistent", is_flag=True, default=None, help="RBM models: persistent contrastive divergence (PCD).")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Data-parallel processes on this machine (torch.distributed DDP through torch's launcher; gloo on "
+                   "the CPU). The global batch is --batch-size x processes and --lr applies to it: divide "
+                   "--batch-size by N to keep a single process's run. Classification, segmentation, detection and "
+                   "captioning; DQN (and the other tasks with their own loops) train in one process only.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --nproc: machines taking part (each runs the same command).")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="With --nnodes: where the machines meet (torch's c10d rendezvous; the same on every node).")
+@click.option("--rdzv-id", default="dlpipe", show_default=True, help="With --nnodes: the run's rendezvous id.")
+@click.option("--ddp-timeout", type=click.FloatRange(min=1), default=None,
+              help="Distributed runs: seconds a collective waits for the other processes (default 300; more than "
+                   "rank 0's validation of an epoch takes).")
+@click.option("--sync-bn", is_flag=True, default=None,
+              help="Distributed runs: synchronise batch-norm statistics across processes (SyncBatchNorm; GPUs only).")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default=None,
+              help="Mixed-precision training (autocast): bf16 on the CPU or CUDA, fp16 with a gradient scaler; "
+                   "checkpoints stay fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @DATA_DIR
 @JSON
 def train_cmd(model, as_json, no_progress, **opts) -> None:
     """Train MODEL; writes best.pt, last.pt and metrics.jsonl to --out."""
+    _quiet_distributed(opts)
     from dlpipe.training.train import train_command
 
     result, human = train_command(model, progress=not no_progress, **opts)
@@ -207,15 +241,31 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @click.option("--resume", default=None, type=click.Path(dir_okay=False), help="Continue from a last.pt.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Data-parallel processes (torch.distributed DDP through torch's launcher); the global batch is "
+                   "--batch-size x processes.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --nproc: machines taking part (each runs the same command).")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="With --nnodes: where the machines meet.")
+@click.option("--ddp-timeout", type=click.FloatRange(min=1), default=None,
+              help="Distributed runs: seconds a collective waits for the other processes (default 300).")
+@click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default=None,
+              help="Mixed-precision training (autocast); checkpoints stay fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @DATA_DIR
 @JSON
 def finetune_cmd(as_json, no_progress, **opts) -> None:
     """Fine-tune a pretrained classifier on your images; writes a checkpoint 'dlpipe export' takes."""
+    _quiet_distributed(opts)
     from dlpipe.apps.finetune_report import describe
-    from dlpipe.training.finetune import FinetuneConfig, finetune
+    from dlpipe.training.finetune import finetune_command
 
-    r = finetune(FinetuneConfig(progress=not no_progress, **opts))
+    if opts["ddp_timeout"] is None:
+        del opts["ddp_timeout"]  # the config's default
+    r = finetune_command(progress=not no_progress, **opts)
+    if r is None:
+        click.echo("this node's processes finished; rank 0 (on another node) wrote the checkpoint")
+        return
     emit(r, as_json, describe(r))
 
 
@@ -485,6 +535,132 @@ def caption_cmd(model, images, beam, fail_fast, max_pixels, device, as_json) -> 
     rows = caption_images(model, list(images), beam=beam, device=device, fail_fast=fail_fast, max_pixels=max_pixels)
     _finish(rows, as_json, lambda good: table([[r["image"], r["caption"], f"{r['score']:.3f}"] for r in good],
                                               ["image", "caption", "score (log-prob / length^a)"]))
+
+
+@cli.command("generate")
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(), help="A grid .png, or a folder for one PNG per image.")
+@click.option("--n", "count", type=int, default=None, help="Images (or interpolation steps).  [default: 64, or 10 with --interpolate]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Latent seed (--interpolate: from SEED to SEED+1).")
+@click.option("--class", "label", default=None, help="Class to generate (class-conditional models).")
+@click.option("--interpolate", is_flag=True, help="A strip of images along the latent path between two seeds.")
+@click.option("--columns", type=click.IntRange(min=1), default=8, show_default=True, help="Grid columns.")
+@OVERWRITE
+@DEVICE
+@JSON
+def generate_cmd(model, out, count, seed, label, interpolate, columns, overwrite, device, as_json) -> None:
+    """Images from a generator MODEL (a DCGAN generator, a VAE package): a grid PNG or one PNG per image."""
+    from dlpipe.apps.generate import generate_images
+
+    count = count if count is not None else (10 if interpolate else 64)
+    result = generate_images(model, out, count=count, seed=seed, label=label, interpolate=interpolate,
+                             overwrite=overwrite, device=device, columns=columns)
+    what = "interpolation steps" if interpolate else "images"
+    emit(result, as_json, f"{result['count']} {what} ({'x'.join(map(str, result['image_shape']))}) -> "
+                          f"{result['out']}{(' (strip)' if interpolate else ' (grid)') if result['grid'] else ''}")
+
+
+@cli.command("predict")
+@click.argument("model", type=click.Path())
+@click.argument("inputs", type=click.Path())
+@click.option("--out", required=True, type=click.Path(),
+              help="Results: NAME.parquet (a folder of part files) or NAME.jsonl. An existing one is resumed: "
+                   "inputs already in it are skipped.")
+@click.option("--column", default=None, help="INPUTS .parquet: its column of image bytes or paths "
+                                             "(default: image, bytes or path).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Runtime sessions: threads (local) or Ray actors (default: one per core).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a pool of sessions in this process; ray: Ray Data (pip install 'dlpipe[ray]').")
+@click.option("--address", default=None, help="--engine ray: a Ray cluster (ray://HOST:10001; default: a local Ray).")
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="Classifiers.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Detectors.")
+@click.option("--beam", type=click.IntRange(min=1), default=None, help="Captioners (default: the package's).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Rows per durable write.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@MAX_PIXELS
+@DEVICE
+@JSON
+def predict_cmd(model, inputs, out, no_progress, as_json, **opts) -> None:
+    """Run MODEL over INPUTS (a folder tree of images, a list file of paths, or a .parquet table) and write one
+    row per input to --out: its name (image), the task's outputs as `classify`/`segment`/`detect`/`caption`
+    --json give them, or its error. Unreadable files become error rows (counted in the summary; the exit code
+    stays 0) and count as done when a re-run resumes."""
+    from dlpipe.apps.batch import predict_batch
+
+    s = predict_batch(model, inputs, out, progress=not no_progress, **opts)
+    emit(s, as_json, f"{s['written']} rows written to {s['out']} ({s['errors']} errors) in {s['seconds']:.1f} s, "
+                     f"{s['images_per_s']} images/s; {s['skipped']} of {s['inputs']} inputs were already done")
+
+
+@cli.command("stylize")
+@click.argument("contents", nargs=-1, required=True)
+@click.option("--style", default=None, help="Style image (--optimize; a --model has its style baked in).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for NAME_styled.png.")
+@click.option("--model", default=None, type=click.Path(), help="An exported stylizer (dlpipe train stylizer).")
+@click.option("--optimize", is_flag=True, help="Optimise each image itself against --style (slow, any style).")
+@click.option("--size", type=click.IntRange(min=4), default=None,
+              help="Resize so the longer side is N pixels (default: the image's own size; 256 with --optimize).")
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="--optimize: steps.")
+@OVERWRITE
+@FAIL_FAST
+@MAX_PIXELS
+@DEVICE
+@JSON
+def stylize_cmd(contents, style, out, model, optimize, size, steps, overwrite, fail_fast, max_pixels, device,
+                as_json) -> None:
+    """Paint CONTENTS in a style: write NAME_styled.png to --out."""
+    from dlpipe.apps.stylize import stylize_images
+
+    rows = stylize_images(list(contents), out, style=style, model=model, optimize=optimize, size=size, steps=steps,
+                          overwrite=overwrite, fail_fast=fail_fast, max_pixels=max_pixels, device=device,
+                          progress=not as_json)
+
+    def human(good: list[dict]) -> str:
+        body = [[r["image"], r["output"], f"{r['width']}x{r['height']}", f"{r['seconds']:.2f}"] for r in good]
+        plural = "s" * (len(good) != 1)
+        return table(body, ["image", "output", "size", "seconds"]) + f"\n\nwrote {len(good)} image{plural} to {out}"
+
+    _finish(rows, as_json, human)
+
+
+@cli.command("encode")
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .npy file of features (N x F).")
+@OVERWRITE
+@FAIL_FAST
+@MAX_PIXELS
+@DEVICE
+@JSON
+def encode_cmd(model, images, out, overwrite, fail_fast, max_pixels, device, as_json) -> None:
+    """Features of IMAGES (an autoencoder's code, a VAE's latent mean, an RBM's hidden units) to --out."""
+    from dlpipe.apps.autoencode import encode_images
+
+    rows = encode_images(model, list(images), out, overwrite=overwrite, device=device, fail_fast=fail_fast,
+                         max_pixels=max_pixels)
+    _finish(rows, as_json, lambda good: table([[r["image"], r["row"], r["features"]] for r in good],
+                                              ["image", "row", "features"]) + f"\n\nwrote {out}")
+
+
+@cli.command("denoise")
+@click.argument("model", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for NAME.png outputs.")
+@OVERWRITE
+@FAIL_FAST
+@MAX_PIXELS
+@DEVICE
+@JSON
+def denoise_cmd(model, images, out, overwrite, fail_fast, max_pixels, device, as_json) -> None:
+    """Clean IMAGES with an autoencoder package: NAME.png in --out, at each image's own size."""
+    from dlpipe.apps.autoencode import denoise_images
+
+    rows = denoise_images(model, list(images), out, overwrite=overwrite, device=device, fail_fast=fail_fast,
+                          max_pixels=max_pixels)
+    _finish(rows, as_json, lambda good: table([[r["image"], r["out"]] for r in good], ["image", "output"]))
 
 
 @cli.command("demo")

@@ -18,7 +18,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from common import write_result  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from dlpipe.apps.output import table  # noqa: E402
 from dlpipe.training import data as datasets  # noqa: E402
 from dlpipe.training.registry import get_spec  # noqa: E402
+from dlpipe.training.tasks.classification import classification_loss  # noqa: E402
 from dlpipe.training.train import build_optimizer, train_one_epoch  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         start = time.perf_counter()
         for i in range(0, len(y), args.batch_size):
             idx = perm[i:i + args.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss, _ = classification_loss(model(x[idx]), y[idx])  # GoogLeNet: + auxiliary losses
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -9,12 +9,16 @@ from typing import Iterable
 
 import numpy as np
 
-from dlpipe.runtime.captioner import is_package, load_package
+from dlpipe.runtime.autoencoder import Autoencoder
+from dlpipe.runtime.captioner import Captioner, is_package, read_manifest
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError, UsageError
+from dlpipe.runtime.features import FeatureExtractor
+from dlpipe.runtime.generator import Generator
 from dlpipe.runtime.images import Failure, ImageLike, guarded, pad_to_multiple, preprocess, split_items, to_pil
 from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.runtime.policy import Policy
+from dlpipe.runtime.stylizer import Stylizer
 
 
 @dataclass(frozen=True)
@@ -242,7 +246,12 @@ class Detector(Predictor):
 
 
 PREDICTORS: dict[str, type[Predictor]] = {"classification": Classifier, "segmentation": Segmenter,
-                                          "detection": Detector, "control": Policy}
+                                          "detection": Detector, "control": Policy, "features": FeatureExtractor,
+                                          "generation": Generator, "stylization": Stylizer}
+
+
+# Tasks served from a package folder of several graphs with a manifest, by the manifest's task.
+PACKAGES: dict[str, type] = {"captioning": Captioner, "reconstruction": Autoencoder}
 
 
 def load(path: str | Path, device: str = "auto", threads: int | None = None) -> Predictor:
@@ -253,13 +262,18 @@ def load(path: str | Path, device: str = "auto", threads: int | None = None) -> 
         DeviceUnavailableError: ``device='cuda'`` that cannot run here.
     """
     if is_package(path):  # a model package of several graphs: a folder or its manifest (issue 4)
-        return load_package(path, device=device, threads=threads)
+        manifest, doc = read_manifest(path)
+        package = PACKAGES.get(doc["task"]) if isinstance(doc["task"], str) else None
+        if package is None:
+            raise ModelFileError(f"'{manifest}' is a {doc['task']!r} package; this dlpipe serves packages of "
+                                 f"{', '.join(PACKAGES)}")
+        return package(path, device=device, threads=threads)
     engine = Engine(path, device=device, threads=threads)
     if engine.info is None:
         raise ModelFileError(f"'{path}' has no dlpipe metadata (not written by 'dlpipe export'); "
                              "run it raw with dlpipe.runtime.Engine")
     cls = PREDICTORS.get(engine.info.task)
     if cls is None:
-        served = ", ".join([*PREDICTORS, "captioning (packages)"])
+        served = ", ".join([*PREDICTORS, *(f"{task} (packages)" for task in PACKAGES)])
         raise ModelFileError(f"'{path}' is a {engine.info.task!r} model; this dlpipe serves {served}")
     return cls(engine)

@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {"runtime": 0, "training": 1, "export": 2, "apps": 3}
 
 # The runtime is onnxruntime, numpy and pillow only (runtime/__init__.py): none of these, not even lazily.
-# onnxscript and onnxconverter_common are listed too since both import onnx.
-RUNTIME_FORBIDDEN = {"torch", "torchvision", "onnx", "onnxscript", "onnxconverter_common"}
+# onnxscript and onnxconverter_common are listed too since both import onnx; pyarrow and ray belong to
+# `dlpipe predict` in the apps (issue 14).
+RUNTIME_FORBIDDEN = {"torch", "torchvision", "onnx", "onnxscript", "onnxconverter_common", "pyarrow", "ray"}
 
 MAX_FUNCTION_LINES = 80
 

@@ -36,6 +36,12 @@ EXPORT_CASES = {
     "torchvision": "shapes",  # resnet18 (training/models/transfer.py)
     "dqn-cartpole": "CartPole-v1",  # DQN Q-networks: an environment, observations recorded in it (issue 5)
     "dqn-atari": "ALE/Pong-v5",
+    "dbn": "mnist",  # the RBM stack unrolled into a classifier (issue 15)
+    "alexnet": "fashion-mnist",  # the classic CNNs (issue 15, training/models/classic.py)
+    "vgg11": "shapes",
+    "vgg16": "fashion-mnist",
+    "googlenet": "shapes",
+    "ae_classifier": "mnist",  # an autoencoder's encoder and a head (issue 15)
 }
 
 # Builder options that change the graph, exported too (passed as `dlpipe train --model-arg`).
@@ -46,6 +52,12 @@ EXPORT_VARIANTS = [("fcn2s", {"fusion": "conv", "decoder_width": 16, "batch_norm
 EXPORT_TESTED_ELSEWHERE = {
     "rcnn": "tests/test_detection.py::test_detector_export_matches_pytorch_at_two_sizes",
     "captioner": "tests/test_captioner.py::test_package_graphs_match_pytorch",  # two graphs (issue 4)
+    "rbm": "tests/test_rbm.py::test_feature_graph_export_parity_at_two_batch_sizes",  # features + reconstruction
+    "stylizer": "tests/test_style.py::test_stylizer_onnx_matches_pytorch_at_two_image_sizes",  # sizes (issue 16)
+    **{name: "tests/test_autoencoders.py::test_both_graphs_match_pytorch_at_two_batch_sizes"  # two graphs (issue 15)
+       for name in ("ae", "dae", "vae")},
+    **{name: "tests/test_dcgan.py::test_generator_export_matches_pytorch_at_two_batch_sizes"  # trained (issue 16)
+       for name in ("dcgan", "cdcgan")},
 }
 
 

@@ -76,11 +76,12 @@ def test_head_replacement_keeps_the_backbone_and_rebuilds_through_the_registry(m
     torch.manual_seed(0)
     net = spec.build(**args).eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    head = ft.replace_head(net, 4)
     x = torch.randn(2, 3, 32, 32)
+    auxiliary = ft.auxiliary_heads(net, x)  # GoogLeNet's auxiliary classifiers predict the classes too
+    head = ft.replace_head(net, 4, auxiliary)
     assert net(x).shape == (2, 4)
     after = net.state_dict()
-    changed = {k for k in after if k.startswith(head + ".")}
+    changed = {k for k in after if k.startswith(tuple(h + "." for h in (head, *auxiliary)))}
     assert changed and all(torch.equal(after[k], before[k]) for k in after if k not in changed)
     # the checkpoint rebuilds: the registry's builder with the new class count takes the state dict
     rebuilt = spec.build(**{**args, "num_classes": 4}).eval()

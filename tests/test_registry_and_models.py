@@ -10,8 +10,10 @@ CLASSIFIERS = ["deep_convnet", "dmlp", "lenet5", "resnet_small"]
 
 
 # Models every release ships, by task (the registry may hold more).
-EXPECTED = {"classification": set(CLASSIFIERS) | {"torchvision"}, "segmentation": {"fcn8s", "fcn2s"},
-            "detection": {"rcnn"}, "captioning": {"captioner"}, "control": {"dqn-cartpole", "dqn-atari"}}
+EXPECTED = {"classification": set(CLASSIFIERS) | {"torchvision", "alexnet", "vgg11", "vgg16", "googlenet"},
+            "segmentation": {"fcn8s", "fcn2s"},
+            "detection": {"rcnn"}, "captioning": {"captioner"}, "control": {"dqn-cartpole", "dqn-atari"},
+            "stylization": {"stylizer"}}
 
 
 def test_registry_lists_the_classifiers():

@@ -6,9 +6,8 @@ import dataclasses
 
 import pytest
 
-from dlpipe.runtime.captioner import Captioner
 from dlpipe.runtime.errors import InputError
-from dlpipe.runtime.predictors import PREDICTORS
+from dlpipe.runtime.predictors import PACKAGES, PREDICTORS
 from dlpipe.training.registry import get_spec, list_models
 from dlpipe.training.tasks import TASKS, Task, get_task, register_task
 
@@ -26,8 +25,8 @@ def test_each_task_declares_every_stage(name):
     for hook in ("train", "command", "summary", "graphs", "evaluate", "metadata"):
         assert callable(getattr(task, hook)), hook
     assert callable(task.quantization.inputs) and callable(task.quantization.agreement)
-    # the runtime serves the task with the predictor the declaration names (packages load as captioners)
-    assert PREDICTORS.get(name, Captioner) is task.predictor
+    # the runtime serves the task with the predictor the declaration names (packages by their manifest's task)
+    assert {**PACKAGES, **PREDICTORS}[name] is task.predictor
     if task.demo is not None:
         assert get_spec(task.demo.model).task == name and task.demo.app and callable(task.demo.describe)
 

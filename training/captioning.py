@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 
 from dlpipe.runtime.captioner import Vocabulary, beam_search
 from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
+from dlpipe.training import distributed
 from dlpipe.training.loop import Metric, TaskRun, run_supervised, split_indices
+from dlpipe.training.precision import Precision
 
 SHAPES_CAPTIONS = "shapes-captions"
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -182,21 +184,23 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, pad_id: in
 
 def train_one_epoch(model: nn.Module, data: CaptionData, pairs: torch.Tensor, tokens: torch.Tensor,
                     optimizer: torch.optim.Optimizer, batch_size: int, grad_clip: float, pad_id: int,
-                    generator: torch.Generator, scheduler=None, progress: tqdm | None = None) -> dict[str, float]:
-    """One pass over the (image, caption) pairs, teacher-forced; returns mean token loss and pairs/s."""
+                    generator: torch.Generator, scheduler=None, progress: tqdm | None = None,
+                    precision: Precision | None = None) -> dict[str, float]:
+    """One pass over the (image, caption) pairs, teacher-forced; returns mean token loss and pairs/s.
+    In a distributed run every rank draws the same permutation and takes its shard of it (equal sizes, so
+    every rank takes the same number of steps); ``precision`` autocasts the forward pass and the loss."""
+    precision = precision or Precision()
     model.train()
-    order = torch.randperm(len(pairs), generator=generator)
+    order = distributed.shard(torch.randperm(len(pairs), generator=generator))
     total, words, start = 0.0, 0, time.perf_counter()
     for first in range(0, len(order), batch_size):
         idx = order[first:first + batch_size]
         seq = tokens[idx]
         seq = seq[:, :int((seq != pad_id).sum(1).max())]  # drop all-padding columns
-        logits = model(normalize(data.images[pairs[idx]]), seq[:, :-1])
-        loss = masked_cross_entropy(logits, seq[:, 1:], pad_id)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        with precision.autocast():
+            logits = model(normalize(data.images[pairs[idx]]), seq[:, :-1])
+            loss = masked_cross_entropy(logits, seq[:, 1:], pad_id)
+        precision.step(loss, optimizer, clip=model.parameters(), max_norm=grad_clip)
         if scheduler is not None:
             scheduler.step()
         n = int((seq[:, 1:] != pad_id).sum())
@@ -302,8 +306,11 @@ def prepare(cfg, spec, options: CaptionOptions | None = None) -> TaskRun:
     pairs, tokens = torch.as_tensor(pairs_list), pad_sequences(sequences, vocabulary.pad_id)
     max_len = opts.max_len or min(tokens.shape[1] + 1, 64)  # <bos> is not generated; room for one more word
     generator = torch.Generator().manual_seed(cfg.seed)
-    # batches are drawn by train_one_epoch from a seeded permutation; the loader only counts them
-    batches = DataLoader(range(len(pairs)), batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    precision = Precision(cfg.amp)
+    # batches are drawn by train_one_epoch from a seeded permutation (this rank's shard of it in a
+    # distributed run); the loader only counts them
+    batches = DataLoader(range(distributed.local_count(len(pairs))), batch_size=cfg.batch_size, shuffle=True,
+                         generator=generator)
 
     def test(model: nn.Module) -> dict[str, Any]:
         # real caption files have one split: the validation part stands in for the test set
@@ -322,7 +329,7 @@ def prepare(cfg, spec, options: CaptionOptions | None = None) -> TaskRun:
         train_loader=batches, images_per_epoch=len(pairs),
         train_epoch=lambda model, opt, sched, bar: train_one_epoch(model, train, pairs, tokens, opt, cfg.batch_size,
                                                                    opts.grad_clip, vocabulary.pad_id, generator,
-                                                                   sched, bar),
+                                                                   sched, bar, precision),
         validate=lambda model: caption_scores(caption_images(model, val.images, vocabulary, max_len), val.references),
         test=test, examples=normalize(val.images[:n_examples]),
         dataset={"name": cfg.dataset, "labels": [], "preprocessing": preprocessing(opts.image_size)},

@@ -65,6 +65,15 @@ def _shapes_loader(split: str, root: Path, download: bool, limit: int | None) ->
     return world.classification_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
 
 
+def _shapes64_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The shapes world drawn at 64x64 (the DCGAN's colour size, issue 16)."""
+    del root, download
+    world = ShapesWorld(seed=SHAPES_SEED, image_size=64)
+    count = SHAPES_TRAIN if split == "train" else SHAPES_TEST
+    count = count if limit is None else min(limit, count)
+    return world.classification_set(count, start=0 if split == "train" else _SHAPES_TEST_START)
+
+
 def _scenes_loader(split: str, root: Path, download: bool, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     del root, download
     world = ShapesWorld(seed=SHAPES_SEED + 1, image_size=64, shapes_per_scene=(1, 4), radius=(0.12, 0.25))
@@ -143,6 +152,7 @@ DATASETS: dict[str, DatasetInfo] = {
                     ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                      "Ankle boot"), _torchvision_loader("FashionMNIST", "fashion-mnist")),
         DatasetInfo("shapes", 3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes_loader),
+        DatasetInfo("shapes-64", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), KINDS, _shapes64_loader),
         DatasetInfo("shapes-scenes", 3, (64, 64), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), ("background", *KINDS),
                     _scenes_loader, task="segmentation"),
         DatasetInfo("mnist-scenes", 1, (64, 64), (0.08,), (0.25,), ("background", *(str(i) for i in range(10))),

@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dlpipe.training import data as datasets
+from dlpipe.training import distributed
+from dlpipe.training.precision import Precision
 
 
 class DetectionDataset(Dataset):
@@ -55,19 +57,20 @@ def detection_collate(batch):
 
 
 def train_one_epoch(model, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler=None,
-                    progress: tqdm | None = None) -> dict[str, float]:
-    """One pass over ``loader`` summing torchvision's four detection losses; returns their means."""
+                    progress: tqdm | None = None, precision: Precision | None = None) -> dict[str, float]:
+    """One pass over ``loader`` summing torchvision's four detection losses; returns their means.
+    ``model`` may be DDP-wrapped (its ``losses`` then runs through DDP's forward); ``precision``
+    autocasts the losses' computation (``--amp``)."""
+    precision = precision or Precision()
     model.train()
     sums: dict[str, float] = {}
     seen = 0
     start = time.perf_counter()
     for images, targets in loader:
-        losses = model.losses(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
+        with precision.autocast():
+            losses = distributed.call(model, "losses", images, targets)
+            loss = sum(losses.values())
+        precision.step(loss, optimizer, clip=model.parameters(), max_norm=10.0)
         if scheduler is not None:
             scheduler.step()
         n = len(images)

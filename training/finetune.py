@@ -12,6 +12,7 @@ export, quantize, evaluate, bench and classify work on it unchanged.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,12 +28,14 @@ from dlpipe.runtime.errors import DataNotFoundError, InputError
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import Preprocessing
 from dlpipe.training import data as datasets
+from dlpipe.training import distributed
 from dlpipe.training.checkpoint import (best_score, checkpoint_payload, load_checkpoint, model_from_checkpoint,
                                        save_checkpoint)
 from dlpipe.training.dataset_info import DatasetInfo
 from dlpipe.training.folders import per_class_indices, read_folder
 from dlpipe.training.loop import (EpochHooks, FitState, MetricsLog, build_optimizer, build_scheduler, fit,
                                   init_weights, load_resume, restore, seeded_loader, start_run)
+from dlpipe.training.precision import Precision
 from dlpipe.training.pretrained import TORCHVISION_PREFIX, load_torchvision
 from dlpipe.training.registry import get_spec
 from dlpipe.training.tasks.classification import METRIC as ACCURACY, train_one_epoch
@@ -101,6 +104,10 @@ class FinetuneConfig:
     """Early stopping: end a stage after this many epochs without validation improvement; 0 disables it."""
     resume: str | None = None
     """Continue from this last.pt (the stage and epoch it stopped at)."""
+    amp: str | None = None
+    """Mixed precision of the forward pass and loss: None/``off``, ``bf16`` or ``fp16`` (weights stay fp32)."""
+    ddp_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """Distributed runs: seconds a collective waits for the other processes before the run stops."""
 
 
 @dataclass
@@ -160,13 +167,34 @@ def find_head(model: nn.Module) -> tuple[str, nn.Linear]:
     return linears[-1]
 
 
-def replace_head(model: nn.Module, num_classes: int) -> str:
-    """Put a freshly initialised ``Linear(in_features, num_classes)`` in place of the head; returns its name."""
-    name, old = find_head(model)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+def replace_head(model: nn.Module, num_classes: int, auxiliary: Sequence[str] = ()) -> str:
+    """Put a freshly initialised ``Linear(in_features, num_classes)`` in place of the head (and of the
+    ``auxiliary`` heads named, see :func:`auxiliary_heads`); returns the head's name."""
+    name, _ = find_head(model)
+    for target in (name, *auxiliary):
+        old = model.get_submodule(target)
+        parent_name, _, attr = target.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
     return name
+
+
+@torch.no_grad()
+def auxiliary_heads(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The linear layers whose outputs a training-mode forward returns beside the logits (GoogLeNet's
+    auxiliary classifiers, issue 15): they predict the source's classes too, so they are replaced with the
+    head. Found by running a copy of the model (its batch-norm statistics untouched) on ``example``."""
+    probe = copy.deepcopy(model).train()
+    produced: dict[int, str] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: produced.__setitem__(id(out), name))
+             for name, m in probe.named_modules() if isinstance(m, nn.Linear)]
+    outputs = probe(example)
+    for hook in hooks:
+        hook.remove()
+    if not isinstance(outputs, (tuple, list)):
+        return []
+    # an output tensor stays alive to the end, so the last layer recorded under its id is the one that made it
+    return [produced[id(out)] for out in outputs[1:] if id(out) in produced]
 
 
 def backbone_layers(model: nn.Module, head: str) -> list[list[nn.Module]]:
@@ -304,9 +332,10 @@ def _loader(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo, batch
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler,
-                frozen: list[nn.Module], progress: tqdm | None = None) -> dict[str, float]:
+                frozen: list[nn.Module], progress: tqdm | None = None, precision: Precision | None = None
+                ) -> dict[str, float]:
     """One pass over ``loader``; frozen modules stay in eval mode (batch-norm statistics unchanged)."""
-    return train_one_epoch(model, loader, optimizer, scheduler, progress, frozen=frozen)
+    return train_one_epoch(model, loader, optimizer, scheduler, progress, frozen=frozen, precision=precision)
 
 
 @torch.no_grad()
@@ -364,6 +393,7 @@ class _Session:
     val_loader: DataLoader
     test_loader: DataLoader | None
     log: MetricsLog
+    precision: Precision
 
     def stages(self) -> list[tuple[str, int, str | int]]:
         cfg = self.cfg
@@ -384,13 +414,16 @@ class _Session:
         generator = self.train_loader.generator
         if resumed is not None and resumed.get("stage") == stage:  # continue where the stage stopped
             state = restore(resumed, model, optimizer, scheduler, generator)
-        hooks = EpochHooks(train=lambda bar: train_epoch(model, self.train_loader, optimizer, scheduler, frozen, bar),
+        trained = distributed.wrap(model)  # DDP made after freezing: it reduces what requires gradients now
+        hooks = EpochHooks(train=lambda bar: train_epoch(trained, self.train_loader, optimizer, scheduler, frozen, bar,
+                                                         self.precision),
                            validate=lambda: {k: v for k, v in score(model, self.val_loader, self.data.labels).items()
                                              if k != "per_class"}, metric=METRIC)
         return fit(self.out, self.base, model, optimizer, scheduler, hooks, state, end_epoch=end,
                    images_per_epoch=len(self.data.train[1]), log=self.log, generator=generator,
                    patience=cfg.patience, progress=cfg.progress, desc=f"finetune {self.source.model} ({stage})",
-                   row_extra={"stage": stage, "frozen_layers": frozen_count})
+                   row_extra={"stage": stage, "frozen_layers": frozen_count}, train_loader=self.train_loader,
+                   seed=cfg.seed)
 
 
 def _session(cfg: FinetuneConfig) -> _Session:
@@ -409,7 +442,8 @@ def _session(cfg: FinetuneConfig) -> _Session:
         init_weights(model, get_spec(source.model).recipe.init)
         head = find_head(model)[0]
     else:
-        head = replace_head(model, len(data.labels))
+        example = datasets.normalize(data.train[0][:2], info)
+        head = replace_head(model, len(data.labels), auxiliary_heads(model, example))
     freeze(model, head, parse_freeze(cfg.freeze))  # a layer count beyond the backbone fails now, not later
     # real inputs for the export parity check: validation images first, then training images
     pool = torch.cat([data.val[0], data.train[0][:max(0, cfg.examples - len(data.val[1]))]])[:cfg.examples]
@@ -423,7 +457,7 @@ def _session(cfg: FinetuneConfig) -> _Session:
     return _Session(cfg, source, data, model, head, base, out,
                     _loader(*data.train, info, cfg.batch_size, cfg.augment, cfg.seed, shuffle=True),
                     _loader(*data.val, info, 256), _loader(*data.test, info, 512) if data.test is not None else None,
-                    MetricsLog(out / "metrics.jsonl", fresh=cfg.resume is None))
+                    MetricsLog(out / "metrics.jsonl", fresh=cfg.resume is None), Precision(cfg.amp))
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -437,7 +471,23 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         scored, validation and, for a registered dataset, test) and the head-only stage's best (``head_only``);
         per-class accuracy of the saved model, the history and the command to export.
     """
-    session = _session(resolve_config(cfg))
+    with distributed.session(cfg.ddp_timeout):
+        return _finetune(resolve_config(cfg))
+
+
+def finetune_command(nproc: int | None = None, nnodes: int = 1, rdzv_endpoint: str | None = None,
+                     rdzv_id: str = "dlpipe", **options: Any) -> dict[str, Any] | None:
+    """``dlpipe finetune [options]``: :func:`finetune` of a :class:`FinetuneConfig`, in ``nproc``
+    data-parallel processes (x ``nnodes`` machines) through torch's launcher when asked (global batch:
+    ``batch_size`` x processes); None on a node that does not hold rank 0."""
+    if ((nproc or 1) > 1 or nnodes > 1) and not distributed.launched():
+        return distributed.launch(finetune_command, nproc=nproc or 1, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                                  rdzv_id=rdzv_id, **options)
+    return finetune(FinetuneConfig(**options))
+
+
+def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    session = _session(cfg)
     resumed = load_resume(cfg.resume, session.base) if cfg.resume else None
     state, first, head_test = FitState(), 0, None
     if resumed is not None:
@@ -447,9 +497,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         end, state.epoch = first + epochs, max(state.epoch, first)
         if state.epoch < end:
             state = session.run_stage(stage, first, end, how, state, resumed)
-            if stage == "head" and session.test_loader is not None:  # best.pt now holds the head stage's best
+            if stage == "head" and session.test_loader is not None and distributed.is_main():  # best.pt: the head's
                 head_test = _score_saved(session, load_checkpoint(session.out / "best.pt"), state.history)
         first = end
+    if not distributed.is_main():  # rank 0 wrote best.pt and reports
+        return {"rank": distributed.rank()}
     return _summary(session, state, head_test)
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from dlpipe.runtime.errors import InputError, ModelFileError
 from dlpipe.training import data as datasets
+from dlpipe.training import distributed
 from dlpipe.training.checkpoint import best_score, checkpoint_payload, load_checkpoint, save_checkpoint
 from dlpipe.training.registry import ModelSpec, get_spec
 
@@ -92,6 +93,13 @@ class TrainConfig:
     """Show a progress bar."""
     examples: int = 32
     """Validation images stored (preprocessed) in the checkpoint for export parity checks."""
+    amp: str | None = None
+    """Mixed precision of the forward pass and loss: None/``off`` (float32), ``bf16`` or ``fp16`` (autocast;
+    the weights and checkpoints stay float32)."""
+    sync_bn: bool = False
+    """Distributed runs: synchronise batch-norm statistics across processes (``SyncBatchNorm``, GPUs only)."""
+    ddp_timeout: float = distributed.DEFAULT_TIMEOUT_S
+    """Distributed runs: seconds a collective waits for the other processes before the run stops."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise InputError(f"label smoothing must be in [0, 1), got {out.label_smoothing}")
     if not 0 < out.val_fraction < 1:
         raise InputError(f"val_fraction must be between 0 and 1, got {out.val_fraction}")
+    distributed.check_sync_bn(out.sync_bn)
     check_model_args(spec, out.model_args)
     return out
 
@@ -237,14 +246,16 @@ def load_matching(model: nn.Module, path: str | Path) -> list[str]:
         The names copied.
 
     Raises:
-        ModelFileError: the file holds no tensor ``model`` can take (a checkpoint of an unrelated model).
+        ModelFileError: the file holds no learned weight ``model`` can take (a checkpoint of an unrelated model,
+            or of the same kind with other layer sizes): buffers alone matching would start from nothing.
     """
     source = load_checkpoint(path)["state_dict"]
     own = model.state_dict()
     names = [k for k, v in source.items() if k in own and own[k].shape == v.shape]
-    if not names:
+    weights = {n for n, _ in model.named_parameters()}
+    if not weights.intersection(names):
         raise ModelFileError(f"'{path}' holds no weights of the same names and shapes as {type(model).__name__}'s; "
-                             "nothing to start from")
+                             "nothing to start from (other layer sizes?)")
     for name in names:
         own[name].copy_(source[name])
     print(f"init-from: {len(names)} of {len(own)} tensors from {path}", file=sys.stderr)
@@ -270,7 +281,11 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 
 
 def seeded_loader(dataset, batch_size: int, shuffle: bool, seed: int, collate_fn=None) -> DataLoader:
-    """A DataLoader whose shuffling has its own seeded generator (saved in ``last.pt`` for resume)."""
+    """A DataLoader whose shuffling has its own seeded generator (saved in ``last.pt`` for resume); in a
+    distributed run a shuffled loader serves this rank's shard (``DistributedSampler``, ``set_epoch``
+    each epoch by :func:`fit`)."""
+    if shuffle and distributed.active():
+        return distributed.loader(dataset, batch_size, seed, collate_fn)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
                       collate_fn=collate_fn)
 
@@ -280,10 +295,12 @@ class MetricsLog:
 
     def __init__(self, path: str | Path, fresh: bool = True):
         self.path = Path(path)
-        if fresh:
+        if fresh and distributed.is_main():  # rank 0 alone writes in a distributed run
             self.path.write_text("")
 
     def write(self, row: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -334,22 +351,30 @@ def restore(state: dict[str, Any], model: nn.Module, optimizer, scheduler, gener
 def fit(out: Path, base: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
         hooks: EpochHooks, state: FitState, *, end_epoch: int, images_per_epoch: int, log: MetricsLog,
         generator: torch.Generator | None = None, patience: int = 0, progress: bool = True, desc: str = "",
-        row_extra: dict[str, Any] | None = None) -> FitState:
+        row_extra: dict[str, Any] | None = None, train_loader=None, seed: int = 0) -> FitState:
     """Train epochs ``state.epoch`` .. ``end_epoch - 1``: a progress bar, one JSON line per epoch in
     ``log``, ``best.pt`` when the validation metric improves, ``last.pt`` (everything resume needs, random
     states included) after every epoch, and early stopping after ``patience`` epochs without improvement.
 
+    In a distributed run (:mod:`dlpipe.training.distributed`) ``model`` is the unwrapped module (what the
+    checkpoints hold); the training figures are averaged over the ranks, ``hooks.validate`` runs on rank 0
+    and its figures are broadcast (every rank decides alike), ``train_loader``'s sampler gets the epoch,
+    each rank reseeds from ``seed``, its rank and the epoch, and only rank 0 writes and shows progress.
+
     Returns:
         The state after the last epoch run (``epoch`` is the number of epochs done).
     """
-    metric, stale = f"val_{hooks.metric.key}", 0
+    metric, stale, main = f"val_{hooks.metric.key}", 0, distributed.is_main()
     if state.best_rank is None and any(metric in r for r in state.history):  # resumed: rank ties as before
         state.best_rank = max(hooks.metric.rank(r) for r in state.history if metric in r)
-    bar = tqdm(total=images_per_epoch * max(0, end_epoch - state.epoch), unit="img", disable=not progress, desc=desc,
-               dynamic_ncols=True)
+    bar = tqdm(total=distributed.local_count(images_per_epoch) * max(0, end_epoch - state.epoch), unit="img",
+               disable=not progress or not main, desc=desc, dynamic_ncols=True)
     while state.epoch < end_epoch:
-        row = {"epoch": state.epoch + 1, **(row_extra or {}), **hooks.train(bar)}
-        row.update({f"val_{k}": v for k, v in hooks.validate().items()})
+        distributed.fault_point(state.epoch)
+        distributed.set_epoch(train_loader, state.epoch)
+        distributed.seed_rank(seed, state.epoch)
+        row = {"epoch": state.epoch + 1, **(row_extra or {}), **distributed.reduce_figures(hooks.train(bar))}
+        row.update({f"val_{k}": v for k, v in distributed.from_main(hooks.validate).items()})
         row["lr"] = optimizer.param_groups[0]["lr"]
         state.history.append(row)
         state.epoch += 1
@@ -358,19 +383,23 @@ def fit(out: Path, base: dict[str, Any], model: nn.Module, optimizer: torch.opti
         improved = row[metric] > state.best if state.best_rank is None else rank > state.best_rank
         if improved:
             state.best, state.best_rank, stale = row[metric], rank, 0
-            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": state.epoch, "metric": metric,
-                             "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
+            if main:
+                save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": state.epoch, "metric": metric,
+                                 "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}, out / "best.pt")
         else:
             stale += 1
-        bar.write(f"epoch {state.epoch}/{end_epoch}: {hooks.metric.describe(row)}{' *' if improved else ''}",
-                  file=sys.stderr)
-        save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": state.epoch, "metric": metric,
-                         "best_val_score": state.best, "history": state.history, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                         "rng": torch.get_rng_state(), "loader_rng": generator.get_state() if generator else None,
-                         **(row_extra or {})}, out / "last.pt")
+        if main:
+            bar.write(f"epoch {state.epoch}/{end_epoch}: {hooks.metric.describe(row)}{' *' if improved else ''}",
+                      file=sys.stderr)
+            save_checkpoint({**base, "state_dict": model.state_dict(), "epoch": state.epoch, "metric": metric,
+                             "best_val_score": state.best, "history": state.history,
+                             "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                             "rng": torch.get_rng_state(), "loader_rng": generator.get_state() if generator else None,
+                             **(row_extra or {})}, out / "last.pt")
         if patience and stale >= patience:
-            bar.write(f"early stopping: no validation improvement in {patience} epochs", file=sys.stderr)
+            if main:
+                bar.write(f"early stopping: no validation improvement in {patience} epochs", file=sys.stderr)
             break
     bar.close()
     return state
@@ -409,12 +438,20 @@ def run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec],
                    task: str) -> dict[str, Any]:
     """Train ``cfg.model`` with the task's ``prepare`` hook on the shared loop; write best.pt (best
     validation ``metric``), last.pt and metrics.jsonl under ``cfg.out``, then score best.pt on the test split.
+    Started by a launcher as one of several processes, it trains data-parallel
+    (:mod:`dlpipe.training.distributed`): rank 0 writes and tests, the other ranks return ``{"rank": r}``.
 
     Returns:
         Paths, the metric's name and best validation score, the test figures (``test_<key>``), the
         history and the training time.
     """
     cfg = resolve_config(cfg)
+    with distributed.session(cfg.ddp_timeout):
+        return _run_supervised(cfg, prepare, metric, task)
+
+
+def _run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec], TaskRun], metric: Metric,
+                    task: str) -> dict[str, Any]:
     spec = get_spec(cfg.model)
     out = start_run(cfg)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -431,18 +468,22 @@ def run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec],
     generator = run.train_loader.generator
     state = (restore(load_resume(cfg.resume, base), model, optimizer, scheduler, generator) if cfg.resume
              else FitState())
-    hooks = EpochHooks(train=lambda bar: run.train_epoch(model, optimizer, scheduler, bar),
+    trained = distributed.wrap(model, cfg.sync_bn)  # DDP in a distributed run; the checkpoints hold `model`
+    hooks = EpochHooks(train=lambda bar: run.train_epoch(trained, optimizer, scheduler, bar),
                        validate=lambda: run.validate(model), metric=metric)
     log = MetricsLog(out / "metrics.jsonl", fresh=state.epoch == 0)
     state = fit(out, base, model, optimizer, scheduler, hooks, state, end_epoch=cfg.epochs,
                 images_per_epoch=run.images_per_epoch, log=log, generator=generator, patience=cfg.patience,
-                progress=cfg.progress, desc=f"{cfg.model}/{cfg.dataset}")
+                progress=cfg.progress, desc=f"{cfg.model}/{cfg.dataset}", train_loader=run.train_loader,
+                seed=cfg.seed)
+    if not distributed.is_main():
+        return {"rank": distributed.rank()}
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     test = score_best(out / "best.pt", model, run.test, train_seconds=seconds, train_cpu_seconds=cpu_seconds)
     return {"best": str(out / "best.pt"), "last": str(out / "last.pt"), "log": str(log.path), "task": task,
             "metric": f"val_{metric.key}", "metric_name": metric.name, "best_val_score": state.best,
             **{f"test_{k}": v for k, v in test.items()}, "history": state.history, "train_seconds": seconds,
-            "train_cpu_seconds": cpu_seconds}
+            "train_cpu_seconds": cpu_seconds, "processes": distributed.world_size()}
 
 
 def score_best(path: Path, model: nn.Module, test: Callable[[nn.Module], dict[str, Any]], **more: Any

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dlpipe.runtime.errors import UsageError
+from dlpipe.training import distributed
 from dlpipe.training.loop import (INITS, OPTIMIZERS, SCHEDULES, TrainConfig, build_optimizer, build_scheduler,
                                   init_weights, resolve_config)
 from dlpipe.training.registry import get_spec
@@ -29,19 +31,46 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return get_task(get_spec(cfg.model).task).train(cfg)
 
 
-def train_command(model: str, progress: bool = True, recipe: str = "default", **options: Any
+# options of the shared loop's distributed and mixed-precision training, refused by tasks not on it
+PARALLEL_OPTIONS = ("amp", "sync_bn", "ddp_timeout")
+
+
+def train_command(model: str, progress: bool = True, recipe: str = "default", nproc: int | None = None,
+                  nnodes: int = 1, rdzv_endpoint: str | None = None, rdzv_id: str = "dlpipe", **options: Any
                   ) -> tuple[dict[str, Any], str]:
     """``dlpipe train MODEL [options]``: the task's own command (a dataset or an environment) and what it
     prints. Options its task does not take are refused by name; options not given come from the model's
     ``recipe`` (``default``: what its benchmark measured).
 
+    With ``nproc`` (and ``nnodes`` machines meeting at ``rdzv_endpoint``) the run is started again in that
+    many data-parallel processes by torch's launcher (:func:`dlpipe.training.distributed.launch`); a
+    process a launcher (``torchrun``) started trains as its rank. The global batch is the per-process
+    batch size times the processes.
+
     Raises:
-        UsageError: ``recipe`` is not one of the model's recipes.
+        UsageError: ``recipe`` is not one of the model's recipes; distributed or mixed-precision options
+            for a task that trains in one process (DQN).
     """
     spec = get_spec(model)
     spec.recipe.settings(recipe=recipe)  # an unknown recipe is refused before any data is read
     task = get_task(spec.task)
+    parallel = (nproc or 1) > 1 or nnodes > 1 or distributed.launched()
+    given = [k for k in PARALLEL_OPTIONS if options.get(k) not in (None, False, "off")]
+    if not task.data_parallel and (parallel or given):
+        what = "--nproc/torchrun" if parallel else f"--{given[0].replace('_', '-')}"
+        raise UsageError(f"{model} ({task.name}) trains in a single process; {what} is for the tasks on the "
+                         "shared loop (classification, segmentation, detection, captioning)")
+    if not task.data_parallel:
+        options = {k: v for k, v in options.items() if k not in PARALLEL_OPTIONS}
+    if parallel and not distributed.launched():
+        found = distributed.launch(train_command, model, nproc=nproc or 1, nnodes=nnodes,
+                                   rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, progress=progress, recipe=recipe,
+                                   **options)
+        return found or ({"rank0": "elsewhere"}, "this node's processes finished; rank 0 (on another node) wrote "
+                                                 "the checkpoint")
     result = task.command(model, progress=progress, recipe=recipe, **options)
+    if "best" not in result and "rank" in result:  # a rank other than 0: rank 0 reports
+        return result, f"rank {result['rank']} finished"
     result["recipe"] = recipe
     measured = f", as measured by {spec.recipe.benchmark}" if recipe == "default" and spec.recipe.benchmark else ""
     return result, f"{task.summary(result)}\nrecipe: {recipe}{measured}"

@@ -1,5 +1,6 @@
 """Users' own data in the formats they already have, read by torchvision's dataset classes:
-Pascal VOC (segmentation masks and detection XML) and COCO detection JSON.
+Pascal VOC (segmentation masks and detection XML) and COCO detection JSON (and, through
+:mod:`dlpipe.training.folder_data`, ``folder:ROOT``: labelled image folders for classification).
 
 Named on the command line as ``--dataset voc-seg:ROOT``, ``voc-det:ROOT`` (ROOT holds
 ``VOCdevkit/VOC20xx``; train = ``ImageSets/*/train.txt``, test = ``val.txt``) or ``coco:ROOT`` (ROOT holds
@@ -19,6 +20,7 @@ from PIL import Image
 
 from dlpipe.runtime.errors import DataNotFoundError, InputError
 from dlpipe.training.dataset_info import DatasetInfo
+from dlpipe.training.folder_data import folder_dataset
 
 SIZE = 128
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -130,13 +132,17 @@ def _coco_split(root: Path, split: str, download: bool, limit: int | None):
 
 
 def user_dataset(name: str):
-    """The :class:`~dlpipe.training.data.DatasetInfo` for ``voc-seg:ROOT``, ``voc-det:ROOT`` or ``coco:ROOT``."""
+    """The :class:`~dlpipe.training.data.DatasetInfo` for ``voc-seg:ROOT``, ``voc-det:ROOT``, ``coco:ROOT`` or
+    ``folder:ROOT`` (:mod:`dlpipe.training.folder_data`)."""
     kind, _, root_text = name.partition(":")
-    if kind not in KINDS or not root_text:
-        raise InputError(f"unknown dataset {name!r}; own data is named voc-seg:ROOT, voc-det:ROOT or coco:ROOT")
+    if kind not in (*KINDS, "folder") or not root_text:
+        raise InputError(f"unknown dataset {name!r}; own data is named voc-seg:ROOT, voc-det:ROOT, coco:ROOT or "
+                         "folder:ROOT (one sub-folder of images per class)")
     root = Path(root_text).expanduser()
     if not root.is_dir():
         raise DataNotFoundError(f"dataset folder '{root}' does not exist")
+    if kind == "folder":  # classification on an ImageFolder tree (issue 15)
+        return folder_dataset(name, root)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as torchvision uses
     if kind == "coco":
         labels, loader = coco_labels(root), (lambda split, _root, download, limit:

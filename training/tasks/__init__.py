@@ -8,7 +8,10 @@ and names no task itself. Adding a task is one module here that declares a ``TAS
 from __future__ import annotations
 
 from dlpipe.runtime.errors import InputError
-from dlpipe.training.tasks import captioning, classification, control, detection, segmentation
+from dlpipe.training.tasks import captioning, classification, control, detection, generation, segmentation
+from dlpipe.training.tasks import features
+from dlpipe.training.tasks import stylization
+from dlpipe.training.tasks import reconstruction
 from dlpipe.training.tasks.base import DemoRow, Graph, QuantizationPolicy, Task
 
 TASKS: dict[str, Task] = {}
@@ -34,7 +37,8 @@ def get_task(name: str) -> Task:
         raise InputError(f"unknown task {name!r}; dlpipe serves {', '.join(TASKS)}") from None
 
 
-for _module in (classification, segmentation, detection, captioning, control):
+for _module in (classification, segmentation, detection, captioning, control, features, generation, stylization,
+                reconstruction):
     register_task(_module.TASK)
 
 __all__ = ["TASKS", "Task", "Graph", "QuantizationPolicy", "DemoRow", "get_task", "register_task"]

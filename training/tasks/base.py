@@ -125,6 +125,8 @@ class Task:
         batched: Whether the exported graph has a batch axis (else one input at a time).
         report: ``f(evaluation report) -> str``: the task's figures in words (``dlpipe evaluate``).
         demo: The task's row in ``dlpipe demo`` (None: no row).
+        data_parallel: Whether it trains on the shared loop with its distributed and mixed-precision
+            options (``--nproc``, torchrun, ``--amp``, ``--sync-bn``); the others refuse them.
     """
 
     name: str
@@ -141,6 +143,7 @@ class Task:
     metadata: Callable[[dict[str, Any]], dict[str, Any]] = lambda ckpt: {}
     batched: bool = True
     demo: DemoRow | None = None
+    data_parallel: bool = False
 
     def describe(self, report: dict[str, Any]) -> str:
         """An evaluation report's figures in words."""

@@ -119,6 +119,7 @@ def _describe(rows: list[dict[str, Any]]) -> str:
 
 TASK = Task(
     name="captioning", description="image in, a sentence out (a package: encoder and decoder-step graphs)",
+    data_parallel=True,
     metric=METRIC, train=train, command=supervised_command(train),
     summary=supervised_summary(METRIC, (("exact", "exact sentences"), ("beam_bleu", "BLEU-4 with beam search")),
                                out="captioner/manifest.json"),

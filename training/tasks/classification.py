@@ -21,6 +21,7 @@ from dlpipe.runtime.predictors import Classifier
 from dlpipe.training import data as datasets
 from dlpipe.training.folders import folder_images
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
+from dlpipe.training.precision import Precision
 from dlpipe.training.registry import ModelSpec
 from dlpipe.training.tasks.base import DemoRow, QuantizationPolicy, Task
 from dlpipe.training.tasks.common import (dataset_info, dataset_samples, model_images, single_graph,
@@ -46,21 +47,22 @@ def classification_loss(outputs: torch.Tensor | Sequence[torch.Tensor], labels: 
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler=None,
-                    progress: tqdm | None = None, frozen: Sequence[nn.Module] = (), label_smoothing: float = 0.0
-                    ) -> dict[str, float]:
+                    progress: tqdm | None = None, frozen: Sequence[nn.Module] = (), label_smoothing: float = 0.0,
+                    precision: Precision | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss, accuracy (per image, or per pixel) and samples per second.
     ``frozen`` modules stay in eval mode (fine-tuning: their batch-norm statistics do not move);
-    ``label_smoothing`` softens the training targets (Szegedy et al., 2016; validation loss stays plain)."""
+    ``label_smoothing`` softens the training targets (Szegedy et al., 2016; validation loss stays plain);
+    ``precision`` autocasts the forward pass and the loss (``--amp``). ``model`` may be DDP-wrapped."""
+    precision = precision or Precision()
     model.train()
     for m in frozen:
         m.eval()
     total_loss, correct, seen, targets = 0.0, 0, 0, 0
     start = time.perf_counter()
     for images, labels in loader:
-        loss, logits = classification_loss(model(images), labels, label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            loss, logits = classification_loss(model(images), labels, label_smoothing)
+        precision.step(loss, optimizer)
         if scheduler is not None:
             scheduler.step()
         n = labels.shape[0]
@@ -110,6 +112,7 @@ def evaluate(model: nn.Module, loader: DataLoader, iou: bool = False) -> dict[st
 def prepare_images(cfg: TrainConfig, spec: ModelSpec, dense: bool = False) -> TaskRun:
     """Images and labels (or masks, ``dense``) of a registered dataset, split, batched and normalised."""
     info = dataset_info(cfg, spec)
+    precision = Precision(cfg.amp)  # one per run: an fp16 loss scale carries over from epoch to epoch
     images, labels = datasets.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit, cfg.download)
     x, y = datasets.to_nchw(images), torch.from_numpy(labels)
     train_idx, val_idx = split_indices(len(y), cfg.val_fraction, cfg.seed)
@@ -131,7 +134,8 @@ def prepare_images(cfg: TrainConfig, spec: ModelSpec, dense: bool = False) -> Ta
 
     return TaskRun(model_args, train_loader, len(train_ds),
                    train_epoch=lambda model, opt, sched, bar: train_one_epoch(
-                       model, train_loader, opt, sched, bar, label_smoothing=cfg.label_smoothing or 0.0),
+                       model, train_loader, opt, sched, bar, label_smoothing=cfg.label_smoothing or 0.0,
+                       precision=precision),
                    validate=lambda model: evaluate(model, val_loader, iou=dense), test=test,
                    examples=torch.stack([val_ds[i][0] for i in range(min(cfg.examples, len(val_ds)))]),
                    dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()})
@@ -174,6 +178,7 @@ def _describe_samples(rows: list[dict[str, Any]]) -> str:
 
 TASK = Task(
     name="classification", description="image in, one class out (top-k labels and probabilities)", metric=METRIC,
+    data_parallel=True,
     train=train, command=supervised_command(train), summary=supervised_summary(METRIC), graphs=single_graph,
     quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement),
     evaluate=evaluate_onnx, predictor=Classifier, report=lambda r: f"accuracy {100 * r['acc']:.2f}%",

@@ -39,8 +39,8 @@ def supervised_command(train: Callable[[TrainConfig], dict[str, Any]]) -> Callab
     def command(model: str, progress: bool = True, **options: Any) -> dict[str, Any]:
         foreign = [k for k, v in options.items() if k not in known and v not in (None, False)]
         if foreign:
-            raise InputError(f"{model} trains on a dataset; --{foreign[0].replace('_', '-')} is for models that "
-                             "train in an environment (dqn-...)")
+            raise InputError(f"{model} trains on a dataset; --{foreign[0].replace('_', '-')} is for models of "
+                             "another task (dqn-... in an environment, stylizer with --style)")
         return train(TrainConfig(model=model, progress=progress, **{k: v for k, v in options.items() if k in known}))
 
     return command

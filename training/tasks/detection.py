@@ -16,6 +16,7 @@ from dlpipe.training import data as datasets
 from dlpipe.training.detection import (DetectionDataset, coco_metrics, detection_collate, evaluate, model_args_for,
                                        train_one_epoch)
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
+from dlpipe.training.precision import Precision
 from dlpipe.training.registry import ModelSpec, get_spec
 from dlpipe.training.tasks.base import DemoRow, Graph, QuantizationPolicy, Task
 from dlpipe.training.tasks.common import (dataset_info, dataset_samples, model_images, supervised_command,
@@ -37,6 +38,7 @@ def prepare(cfg: TrainConfig, spec: ModelSpec) -> TaskRun:
     info = dataset_info(cfg, spec)
     if cfg.augment not in ("none", "flip"):
         raise InputError(f"detection supports --augment none or flip (boxes follow the image), not {cfg.augment!r}")
+    precision = Precision(cfg.amp)
     images, targets = datasets.load_split(cfg.dataset, "train", cfg.data_dir, cfg.limit, cfg.download)
     x = datasets.to_nchw(images)
     train_idx, val_idx = split_indices(len(targets), cfg.val_fraction, cfg.seed)
@@ -51,7 +53,8 @@ def prepare(cfg: TrainConfig, spec: ModelSpec) -> TaskRun:
         return evaluate(model, datasets.to_nchw(test_images), test_targets, info.labels)
 
     return TaskRun(model_args_for(info), train_loader, len(train_ds),
-                   train_epoch=lambda model, opt, sched, bar: train_one_epoch(model, train_loader, opt, sched, bar),
+                   train_epoch=lambda model, opt, sched, bar: train_one_epoch(model, train_loader, opt, sched, bar,
+                                                                              precision),
                    validate=lambda model: evaluate(model, val_x, val_targets, info.labels), test=test,
                    examples=val_x[:cfg.examples].float() / 255,
                    dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()})
@@ -122,6 +125,7 @@ def evaluate_onnx(predictor: Detector, model: str | Path, dataset: str, split: s
 
 TASK = Task(
     name="detection", description="image in, labelled boxes out (in the image's own pixels)", metric=METRIC,
+    data_parallel=True,
     train=train, command=supervised_command(train),
     summary=supervised_summary(METRIC, (("map", "mAP@[.5:.95]"),)), graphs=graphs,
     quantization=QuantizationPolicy(inputs=model_images, agreement=agreement,

@@ -49,6 +49,7 @@ def evaluate_onnx(predictor: Segmenter, model: str | Path, dataset: str, split: 
 
 TASK = Task(
     name="segmentation", description="image in, a class per pixel out (masks and overlays at the image's size)",
+    data_parallel=True,
     metric=METRIC, train=train, command=supervised_command(train),
     summary=supervised_summary(METRIC, (("acc", "pixel accuracy"),)), graphs=single_graph,
     quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement,
