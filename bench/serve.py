@@ -20,9 +20,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,12 +148,54 @@ def _stop_group(proc: subprocess.Popen) -> None:
             pass
 
 
+_WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("DLPIPE_BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("DLPIPE_BENCH_TYPE")
+local head = os.getenv("DLPIPE_BENCH_HEAD")
+if head ~= "" then wrk.headers["Inference-Header-Content-Length"] = head end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"completed": %d, "duration_us": %d, "connect": %d, "read": %d, "write": %d, ' ..
+    '"status": %d, "timeout": %d, "p50_us": %d, "p99_us": %d}\\n', summary.requests, summary.duration,
+    e.connect, e.read, e.write, e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def _load_wrk(url: str, clients: int, seconds: float, shape: list[int], mode: str) -> dict:
+    """The same load from ``wrk -t1 -c CLIENTS`` (C, one thread, keep-alive), as the issue's anchor measured."""
+    body, headers = _request(shape, mode)
+    with tempfile.TemporaryDirectory(prefix="dlpipe-wrk-") as folder:
+        (Path(folder) / "body").write_bytes(body)
+        (Path(folder) / "post.lua").write_text(_WRK_SCRIPT)
+        env = {**os.environ, "DLPIPE_BENCH_BODY": str(Path(folder) / "body"),
+               "DLPIPE_BENCH_TYPE": headers["content-type"],
+               "DLPIPE_BENCH_HEAD": headers.get("Inference-Header-Content-Length", "")}
+        run = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+                              "-s", str(Path(folder) / "post.lua"), f"{url}/v2/models/model/infer"],
+                             capture_output=True, text=True, env=env, timeout=seconds + 60)
+    line = next(x for x in run.stdout.splitlines()[::-1] if x.startswith("{"))
+    r = json.loads(line)
+    failures = {k: r[k] for k in ("connect", "read", "write", "status", "timeout") if r[k]}
+    ok = r["completed"] - r["status"]  # wrk counts non-2xx/3xx answers in `status`, and in `completed`
+    return {"clients": clients, "mode": mode, "requests": ok, "failures": failures,
+            "throughput_rps": round(ok / (r["duration_us"] / 1e6), 1), "p50_ms": round(r["p50_us"] / 1000, 2),
+            "p99_ms": round(r["p99_us"] / 1000, 2), "client": "wrk -t1"}
+
+
 def _one_run(model: str, batching: bool, clients: int, mode: str, args, server: str = "dlpipe") -> dict:
     if server == "pytriton":
         proc, url = _pytriton(model, args.pytriton, args.threads)
     else:
         proc, url = _server(model, batching, args.threads)
     try:
+        if args.client == "wrk":
+            result = _load_wrk(url, clients, args.seconds, [int(v) for v in args.shape.split(",")], mode)
+            return {"server": server, "batching": batching, **result,
+                    **(_breakdown(url) if server == "dlpipe" else {})}
         load = subprocess.run([sys.executable, __file__, "--load", url, "--clients", str(clients), "--seconds",
                                str(args.seconds), "--mode", mode, "--shape", args.shape],
                               capture_output=True, text=True, timeout=args.seconds + 120)
@@ -204,6 +248,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--pytriton", default=None, metavar="PYTHON",
                         help="A Python with nvidia-pytriton: repeat the batching runs against a real Triton server.")
+    parser.add_argument("--client", choices=["wrk", "httpx"], default="wrk" if shutil.which("wrk") else "httpx",
+                        help="Load generator: wrk -t1 (C, keep-alive; `apt-get install wrk`; the default when "
+                             "installed) or a separate Python process of async httpx loops (slower than the "
+                             "servers above ~8 clients: it measures itself there).")
     parser.add_argument("--no-off", action="store_true", help="Leave out the runs with batching off.")
     parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # the load-generator process
     parser.add_argument("--mode", default="json", help=argparse.SUPPRESS)
@@ -226,7 +274,7 @@ def main() -> None:
             for server, batching in servers:  # side by side: each client count on every server in turn
                 runs.append(_one_run(str(link), batching, clients, mode, args, server))
                 print(json.dumps(runs[-1]), flush=True)
-    payload = {"model": str(with_model), "seconds_per_run": args.seconds, "threads": args.threads,
+    payload = {"model": str(with_model), "client": args.client, "seconds_per_run": args.seconds, "threads": args.threads,
                "shape": shape, "bare_session": _bare(str(link), shape, args.threads), "runs": runs,
                "pytriton": _ratios(runs) if args.pytriton else "not measured in this run"}
     print(write_result("serve", payload, args.out))

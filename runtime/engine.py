@@ -63,6 +63,8 @@ class Engine:
         device: ``auto`` (CUDA when it really runs, else CPU), ``cpu`` or ``cuda``.
         threads: Intra-op threads (onnxruntime's default, one per core, when None).
         graph_optimization: ``disable``, ``basic``, ``extended`` or ``all``.
+        spinning: let idle intra-op threads spin-wait for the next run (onnxruntime's default; fastest when
+            the session has the cores to itself). A server turns it off: its event loop needs those cores.
 
     Raises:
         ModelFileError: missing or unreadable file.
@@ -70,7 +72,7 @@ class Engine:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
-                 graph_optimization: str = "all"):
+                 graph_optimization: str = "all", spinning: bool = True):
         self.path = Path(path)
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
@@ -83,6 +85,8 @@ class Engine:
         options.graph_optimization_level = GRAPH_OPTIMIZATION[graph_optimization]
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle intra-op threads sleep instead of spinning: they share cores with other work
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = self._create(options, device)
         self.providers: list[str] = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"

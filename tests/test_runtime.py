@@ -59,6 +59,15 @@ def test_session_options(shapes_onnx):
         Engine(shapes_onnx, device="tpu")
 
 
+def test_a_server_session_does_not_spin(shapes_onnx):
+    """The server's sessions (spinning=False) let idle threads sleep; the answers are the same."""
+    spinning, sleeping = Engine(shapes_onnx, device="cpu"), Engine(shapes_onnx, device="cpu", spinning=False)
+    options = sleeping.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    x = random_input(spinning, 3)
+    np.testing.assert_array_equal(spinning.run(x)[0], sleeping.run(x)[0])
+
+
 def test_load_returns_a_classifier_with_metadata(shapes_onnx):
     clf = load(shapes_onnx)
     assert isinstance(clf, Classifier) and clf.info.preprocessing.size == (32, 32)

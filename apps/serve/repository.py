@@ -91,7 +91,8 @@ class ServedModel:
 
 def load_model(name: str, version: str, path: Path, settings: ModelSettings) -> ServedModel:
     """Open ``path`` with ``settings.instances`` sessions."""
-    engines = [Engine(path, device=settings.device, threads=settings.threads) for _ in range(settings.instances)]
+    engines = [Engine(path, device=settings.device, threads=settings.threads, spinning=False)
+               for _ in range(settings.instances)]
     info = engines[0].info
     cls = PREDICTORS.get(info.task) if info is not None else None
     return ServedModel(name=name, version=version, path=path, settings=settings, engines=engines,
