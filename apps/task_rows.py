@@ -19,17 +19,18 @@ from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.images import Failure
 
 
-def _png(array) -> str:
+def png_base64(array) -> str:
+    """A uint8 image array as a base64 PNG (JSON answers carry pictures this way)."""
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _flag(params: dict[str, str], key: str) -> bool:
+def flag_param(params: dict[str, str], key: str) -> bool:
     return params.get(key, "false").lower() in ("1", "true", "yes")
 
 
-def _number(params: dict[str, str], key: str, kind: type, default, low, high):
+def number_param(params: dict[str, str], key: str, kind: type, default, low, high):
     try:
         value = kind(params.get(key, default))
     except ValueError:
@@ -40,7 +41,7 @@ def _number(params: dict[str, str], key: str, kind: type, default, low, high):
 
 
 def classify(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    top_k = _number(params, "top_k", int, 3, 1, 1000)
+    top_k = number_param(params, "top_k", int, 3, 1, 1000)
     results = predict_readable(lambda imgs, errors: predictor.predict(imgs, top_k=top_k, errors=errors),
                                pictures, False)
     return result_rows(names, results)
@@ -54,16 +55,16 @@ def segment(predictor, names, pictures, params) -> list[dict[str, Any]]:
             rows.append(failure_row(r, name))
             continue
         row = {"image": name, "shares": r.shares}
-        if _flag(params, "mask"):
-            row["mask_png"] = _png(r.mask)
-        if _flag(params, "overlay"):
-            row["overlay_png"] = _png(r.overlay(picture))
+        if flag_param(params, "mask"):
+            row["mask_png"] = png_base64(r.mask)
+        if flag_param(params, "overlay"):
+            row["overlay_png"] = png_base64(r.overlay(picture))
         rows.append(row)
     return rows
 
 
 def detect(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    threshold = _number(params, "threshold", float, 0.5, 0.0, 1.0)
+    threshold = number_param(params, "threshold", float, 0.5, 0.0, 1.0)
     results = predict_readable(lambda imgs, errors: predictor.predict(imgs, threshold=threshold, errors=errors),
                                pictures, False)
     return [failure_row(r, name) if isinstance(r, Failure) else detection_row(name, p, r, threshold)
@@ -71,7 +72,7 @@ def detect(predictor, names, pictures, params) -> list[dict[str, Any]]:
 
 
 def caption(predictor, names, pictures, params) -> list[dict[str, Any]]:
-    width = _number(params, "beam", int, predictor.decoding.get("beam", 1), 1, 64)
+    width = number_param(params, "beam", int, predictor.decoding.get("beam", 1), 1, 64)
     results = predict_readable(lambda imgs, errors: predictor.predict(imgs, beam=width, errors=errors),
                                pictures, False)
     return caption_rows(names, results, width)

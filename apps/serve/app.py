@@ -97,7 +97,7 @@ class Server:
         self.ready = False
 
     async def start(self) -> None:
-        self.batchers = {(m.name, m.version): Batcher(m, self.metrics) for m in self.repository}
+        self.batchers = {(m.name, m.version): Batcher(m, self.metrics) for m in self.repository if not m.package}
         self.ready = True
 
     async def stop(self) -> None:
@@ -117,9 +117,21 @@ class Server:
             raise HTTPError(404, what)
         return model
 
+    def tensor_model(self, name: str, version: str | None) -> ServedModel:
+        """The model asked for on the tensor (OIP) routes: one ONNX graph.
+
+        Raises:
+            HTTPError: 404 for an unknown model or version, 400 for a model package.
+        """
+        model = self.model(name, version)
+        if model.package:
+            raise HTTPError(400, f"model '{name}' is a {model.task} package of several graphs run in a loop; it "
+                                 f"answers on its task endpoint, POST /v1/models/{name}/predict")
+        return model
+
     async def infer(self, request: Request, name: str, version: str | None) -> Response:
         """One OIP inference request, start to end (see :func:`create_app`)."""
-        model = self.model(name, version)
+        model = self.tensor_model(name, version)
         if not self.ready:
             raise HTTPError(503, "the server is shutting down", {"retry-after": RETRY_AFTER})
         content_type = request.headers.get("content-type", "")
@@ -190,13 +202,13 @@ def _add_v2_routes(app: FastAPI, server: Server) -> None:
 
     async def metadata(name: str, version: str | None = None) -> Response:
         async def handle():
-            model = server.model(name, version)
+            model = server.tensor_model(name, version)
             return JSONResponse(model_metadata(model, server.repository.versions(name)))
         return await _guarded(handle)
 
     async def config(name: str, version: str | None = None) -> Response:
         async def handle():
-            model = server.model(name, version)
+            model = server.tensor_model(name, version)
             return JSONResponse(model_config(name, model.engine, model.settings, model.engine.device))
         return await _guarded(handle)
 

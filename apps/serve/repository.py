@@ -1,6 +1,9 @@
-"""A model repository in Triton's layout: ``REPOSITORY/<name>/<version>/model.onnx`` with an optional
-``REPOSITORY/<name>/config.json`` of batching and device settings; plain ``.onnx`` paths serve too
-(name = the file's stem, version 1).
+"""A model repository in Triton's layout: ``REPOSITORY/<name>/<version>/model.onnx`` (or a model package: the
+version folder holds a captioner's or an autoencoder's graphs and ``manifest.json``) with an optional
+``REPOSITORY/<name>/config.json`` of batching and device settings; plain ``.onnx`` paths and package folders
+serve too (name = the file's stem or the folder's name, version 1). A package answers on its task endpoint
+(``/v1/models/<name>/predict``) only: its graphs run in a loop (a decoder step per word) no single tensor
+request describes.
 
 ``config.json`` keys (each optional; the server's command-line settings fill the rest): ``max_batch_size``
 (0 turns dynamic batching off), ``preferred_batch_size`` (a list), ``max_queue_delay_ms``, ``max_queue``,
@@ -13,9 +16,10 @@ import json
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from dlpipe.runtime.captioner import MANIFEST
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import ModelFileError, UsageError
-from dlpipe.runtime.predictors import PREDICTORS, Predictor
+from dlpipe.runtime.predictors import PREDICTORS, Predictor, load
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -69,7 +73,8 @@ class ModelSettings:
 
 @dataclass
 class ServedModel:
-    """One version of one model: its sessions, its settings and, for a dlpipe model, its task predictor."""
+    """One version of one model: its sessions, its settings and, for a dlpipe model, its task predictor. A model
+    package has no sessions of its own here (``engines`` is empty): its predictor holds its graphs."""
 
     name: str
     version: str
@@ -83,14 +88,29 @@ class ServedModel:
         return self.engines[0]
 
     @property
+    def package(self) -> bool:
+        """Whether it is a package of several graphs, served on its task endpoint only."""
+        return not self.engines
+
+    @property
+    def task(self) -> str | None:
+        """The dlpipe task, None for a raw ONNX file."""
+        return self.predictor.info.task if self.predictor is not None else None
+
+    @property
     def batchable(self) -> bool:
         """Whether requests can be stacked: every input and output has a dynamic first (batch) axis."""
+        if self.package:
+            return False
         specs = [*self.engine.inputs, *self.engine.outputs]
         return self.settings.max_batch_size > 0 and all(s.shape and not isinstance(s.shape[0], int) for s in specs)
 
 
 def load_model(name: str, version: str, path: Path, settings: ModelSettings) -> ServedModel:
-    """Open ``path`` with ``settings.instances`` sessions."""
+    """Open ``path`` with ``settings.instances`` sessions (a package: its predictor, which opens its graphs)."""
+    if path.is_dir():
+        return ServedModel(name=name, version=version, path=path, settings=settings, engines=[],
+                           predictor=load(path, device=settings.device, threads=settings.threads))
     engines = [Engine(path, device=settings.device, threads=settings.threads, spinning=False)
                for _ in range(settings.instances)]
     info = engines[0].info
@@ -115,11 +135,18 @@ def _settings(folder: Path, defaults: ModelSettings) -> ModelSettings:
         raise ModelFileError(f"'{config}': {exc}") from None
 
 
+def _model_in(version: Path) -> Path | None:
+    """The model of a version folder: its ``model.onnx``, or the folder itself when it holds a package."""
+    if (version / MODEL_FILE).is_file():
+        return version / MODEL_FILE
+    return version if (version / MANIFEST).is_file() else None
+
+
 def _versions(folder: Path) -> list[tuple[str, Path]]:
-    """``(version, model file)`` of every numbered version folder holding a model, oldest first."""
-    found = [(int(v.name), v / MODEL_FILE) for v in folder.iterdir()
-             if v.is_dir() and v.name.isdigit() and (v / MODEL_FILE).is_file()]
-    return [(str(n), p) for n, p in sorted(found)]
+    """``(version, model file or package folder)`` of every numbered version folder holding a model, oldest
+    first."""
+    found = [(int(v.name), _model_in(v)) for v in folder.iterdir() if v.is_dir() and v.name.isdigit()]
+    return [(str(n), p) for n, p in sorted(found) if p is not None]
 
 
 def discover(sources: list[str | Path]) -> list[tuple[str, str, Path, Path | None]]:
@@ -133,14 +160,17 @@ def discover(sources: list[str | Path]) -> list[tuple[str, str, Path, Path | Non
     for source in map(Path, sources):
         if source.is_file():
             found.append((source.stem, "1", source, None))
+        elif (source / MANIFEST).is_file():  # one model package
+            found.append((source.name, "1", source, None))
         elif source.is_dir():
             models = [(f, _versions(f)) for f in sorted(source.iterdir()) if f.is_dir()]
             models = [(f, versions) for f, versions in models if versions]
             if not models:
-                raise ModelFileError(f"'{source}' holds no models (expected <name>/<version>/{MODEL_FILE})")
+                raise ModelFileError(f"'{source}' holds no models (expected <name>/<version>/{MODEL_FILE} or a "
+                                     f"package's {MANIFEST})")
             found += [(f.name, v, p, f) for f, versions in models for v, p in versions]
         else:
-            raise ModelFileError(f"'{source}' is neither an ONNX file nor a model repository folder")
+            raise ModelFileError(f"'{source}' is neither an ONNX file, a model package nor a model repository folder")
     seen = set()
     for name, version, path, _ in found:
         if (name, version) in seen:

@@ -1,9 +1,11 @@
 """``POST /v1/models/{name}/predict``: the task endpoint (see :mod:`dlpipe.apps.serve.tasks`) over HTTP.
 
-It takes image files as ``multipart/form-data`` (any field names, several files at once) or one image as
-the raw body (``image/*`` or ``application/octet-stream``); query parameters: ``top_k`` (classification),
-``threshold`` (detection), ``mask`` and ``overlay`` (segmentation: base64 PNGs in the answer). Images run in
-a worker thread at most ``max_queue`` requests at a time per model; more are refused with 503."""
+Image tasks take image files as ``multipart/form-data`` (any field names, several files at once) or one
+image as the raw body (``image/*`` or ``application/octet-stream``); query parameters: ``top_k``
+(classification), ``threshold`` (detection), ``mask`` and ``overlay`` (segmentation: base64 PNGs in the
+answer), ``beam`` (captioning), ``size`` (stylization). Policies take JSON observations or a ``.npy`` file;
+generators take only ``n``, ``seed``, ``class`` and ``columns``. Requests run in a worker thread at most
+``max_queue`` at a time per model; more are refused with 503."""
 
 from __future__ import annotations
 
@@ -16,18 +18,14 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from dlpipe.apps.serve.http import HTTPError, read_body
-from dlpipe.apps.serve.tasks import MAX_IMAGES, Upload, predict
+from dlpipe.apps.serve.tasks import MAX_IMAGES, Request as TaskRequest, Upload, endpoint, parse_document
 
 RETRY_AFTER = "1"
 
 
-async def _uploads(request: Request, limit: int) -> list[Upload]:
-    """The images of a request: multipart files, or the raw body as one image."""
-    content_type = request.headers.get("content-type", "")
-    body = await read_body(request, limit)
+async def _uploads(request: Request, body: bytes, content_type: str) -> list[Upload]:
+    """The files of a request: multipart files, or the raw body as one file."""
     if not content_type.startswith("multipart/form-data"):
-        if content_type.startswith(("application/json", "text/", "application/x-www-form-urlencoded")):
-            raise HTTPError(415, f"expected image files (multipart/form-data) or image bytes, got {content_type!r}")
         return [Upload("image", body)] if body else []
 
     async def chunks():
@@ -39,9 +37,27 @@ async def _uploads(request: Request, limit: int) -> list[Upload]:
         raise HTTPError(400, f"malformed multipart body: {exc.message}") from None
     try:
         files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        return [Upload(f.filename or f"image #{i}", await f.read()) for i, f in enumerate(files)]
+        return [Upload(f.filename or f"file #{i}", await f.read()) for i, f in enumerate(files)]
     finally:
         await form.close()
+
+
+async def _task_request(request: Request, kind: str, limit: int) -> TaskRequest:
+    """What the request carries, read as the endpoint ``kind`` expects (see :class:`Endpoint`)."""
+    content_type = request.headers.get("content-type", "")
+    body = await read_body(request, limit)
+    params = dict(request.query_params)
+    if kind == "none":
+        return TaskRequest([], params)
+    if content_type.startswith("application/json"):
+        if kind != "observations":
+            raise HTTPError(415, f"expected image files (multipart/form-data) or image bytes, got {content_type!r}")
+        return TaskRequest([], params, parse_document(body))
+    if content_type.startswith(("text/", "application/x-www-form-urlencoded")):
+        wanted = "image files (multipart/form-data) or image bytes" if kind == "images" else \
+            "JSON observations or a .npy file"
+        raise HTTPError(415, f"expected {wanted}, got {content_type!r}")
+    return TaskRequest(await _uploads(request, body, content_type), params)
 
 
 def add_task_routes(app: FastAPI, server, counted) -> None:
@@ -55,13 +71,13 @@ def add_task_routes(app: FastAPI, server, counted) -> None:
         if not server.ready:
             raise HTTPError(503, "the server is shutting down", {"retry-after": RETRY_AFTER})
         if running.get(name, 0) >= model.settings.max_queue:
-            raise HTTPError(503, f"model '{name}' has {running[name]} image requests running, its limit",
+            raise HTTPError(503, f"model '{name}' has {running[name]} task requests running, its limit",
                             {"retry-after": RETRY_AFTER})
+        task = endpoint(model.task)
         running[name] = running.get(name, 0) + 1
         try:
-            uploads = await _uploads(request, server.limits.max_body_bytes)
-            params = dict(request.query_params)
-            work = run_in_threadpool(predict, model.predictor, uploads, params, server.limits.max_pixels)
+            asked = await _task_request(request, task.body, server.limits.max_body_bytes)
+            work = run_in_threadpool(task.answer, model.predictor, asked, server.limits.max_pixels)
             try:
                 rows = await asyncio.wait_for(work, model.settings.timeout_s)
             except TimeoutError:
@@ -71,16 +87,19 @@ def add_task_routes(app: FastAPI, server, counted) -> None:
         failed = [r for r in rows if "error" in r]
         if failed and len(failed) == len(rows):
             return JSONResponse({"error": failed[0]["error"], "results": rows}, status_code=400)
-        return JSONResponse({"model_name": name, "task": model.predictor.info.task, "results": rows})
+        return JSONResponse({"model_name": name, "task": model.task, "results": rows})
 
-    @app.post("/v1/models/{name}/predict", summary="Task prediction on uploaded images",
+    @app.post("/v1/models/{name}/predict", summary="Task prediction: images, observations or generation",
               responses={400: {"description": "Bad request"}, 404: {"description": "Unknown model"},
                          413: {"description": "Body too large"}, 415: {"description": "Wrong content type"},
                          503: {"description": "Overloaded"}},
-              openapi_extra={"requestBody": {"required": True, "content": {
+              openapi_extra={"requestBody": {"required": False, "content": {
                   "multipart/form-data": {"schema": {"type": "object", "properties": {
                       "file": {"type": "string", "format": "binary"}}}},
                   "image/png": {"schema": {"type": "string", "format": "binary"}},
-                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}})
+                  "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                  "application/json": {"schema": {"type": "object", "properties": {
+                      "observations": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}}}}},
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def predict_route(request: Request, name: str) -> Response:
         return await counted(server, name, lambda: handle(request, name))

@@ -48,7 +48,11 @@ def serve(sources: list[str], host: str, port: int, settings: ModelSettings, lim
     access.propagate = False
     for m in repository:
         kind = f"dynamic batching up to {m.settings.max_batch_size}" if m.batchable else "one request at a time"
-        print(f"dlpipe serve: model '{m.name}' version {m.version} ({m.engine.info.task if m.engine.info else 'raw'}"
+        if m.package:
+            print(f"dlpipe serve: model '{m.name}' version {m.version} ({m.task} package, task endpoint only) from "
+                  f"'{m.path}'", flush=True)
+            continue
+        print(f"dlpipe serve: model '{m.name}' version {m.version} ({m.task or 'raw'}"
               f", {m.engine.device}, {m.settings.instances} instance(s), {kind}) from '{m.path}'", flush=True)
     print(f"dlpipe serve: listening on http://{host}:{port} (Open Inference Protocol under /v2, "
           f"task endpoints under /v1, metrics at /metrics); Ctrl-C stops", flush=True)
