@@ -374,14 +374,17 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N images only.")
 @click.option("--confusion", is_flag=True, help="Print the confusion matrix.")
+@click.option("--plots", type=click.Path(), default=None,
+              help="Write each model's report (<name>.json) and its task's plots (PNG) into this folder.")
 @DEVICE
 @DATA_DIR
 @JSON
-def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_json) -> None:
+def evaluate_cmd(models, dataset, split, limit, confusion, plots, device, data_dir, as_json) -> None:
     """Task metrics of each MODEL (ONNX file, package folder or manifest; any precision) through the runtime."""
-    from dlpipe.export.evaluate import evaluate_onnx
+    from dlpipe.export.evaluate import evaluate_onnx, plots_folder
     from dlpipe.training.tasks import get_task
 
+    folder = plots_folder(plots) if plots else None  # a bad folder is refused before the evaluation
     reports = [evaluate_onnx(m, dataset, split, limit, data_dir, device) for m in models]
     rows = [[r["model"], r["precision"], r["dataset"], r["images"], get_task(r["task"]).describe(r)] for r in reports]
     human = table(rows, ["model", "precision", "dataset", "images", "task metrics"])
@@ -392,7 +395,37 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
             labels = [lbl[:6] for lbl in r["labels"]] or [str(i) for i in range(len(r["confusion"]))]
             human += f"\n\nconfusion matrix of {r['model']} (rows: true, columns: predicted)\n"
             human += table([[labels[i], *row] for i, row in enumerate(r["confusion"])], ["", *labels])
+    if folder is not None:
+        human += "\n\n" + _save_reports(reports, models, folder)
     emit(reports, as_json, human)
+
+
+def _save_reports(reports: list[dict], models: tuple[str, ...], folder: Path) -> str:
+    """``evaluate --plots``: each report as ``folder/<name>.json`` and its plots beside it (the name: the
+    model file's stem, a package's folder and variant, unique among the models); what was written, in words.
+    Each report gets the list of its ``files``."""
+    from dlpipe.apps.images import unique_stems
+    from dlpipe.export.evaluate import save_report
+
+    named = []
+    for model in map(Path, models):
+        if model.suffix == ".json" and model.name.startswith("manifest"):  # pkg/manifest.int8.json -> pkg.int8
+            model = model.parent / f"{model.parent.name}{model.name[len('manifest'):]}"
+        elif model.is_dir():
+            model = model / f"{model.name}.package"
+        named.append(str(model))
+    lines = []
+    for report, name in zip(reports, unique_stems(named)):
+        written = save_report(report, folder / f"{name}.json")
+        report["files"] = [str(p) for p in written]
+        if len(written) > 1:
+            lines.append(f"wrote {', '.join(report['files'])}")
+        else:
+            from dlpipe.training.tasks import get_task
+
+            why = "nothing to plot in its report" if get_task(report["task"]).plots else "no plots for its task"
+            lines.append(f"wrote {written[0]} ({why}: {report['task']})")
+    return "\n".join(lines)
 
 
 @cli.command("bench")
@@ -405,17 +438,28 @@ def evaluate_cmd(models, dataset, split, limit, confusion, device, data_dir, as_
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads for onnxruntime and torch alike.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON here.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Draw latency (p50, p90-p99 whiskers) and throughput per variant and batch size as this PNG; "
+                   "the JSON beside it (FILE.json) unless --out is given.")
 @JSON
-def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, as_json) -> None:
+def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, plot, as_json) -> None:
     """Latency (p50/p90/p99) and throughput of ONNX MODELS, beside PyTorch eager."""
     from dlpipe.export.evaluate import benchmark
     from dlpipe.runtime.benchmark import SPREAD_FOOTNOTE, marked
+    from dlpipe.runtime.errors import UsageError
     from dlpipe.runtime.files import write_json
 
+    if plot and (Path(plot).suffix.lower() != ".png" or Path(plot).is_dir()):
+        raise UsageError(f"--plot '{plot}' must name a .png file")
     stats = benchmark(models, _ints(batches), checkpoint, warmup, iters, threads, device)
     data = [s.as_dict() for s in stats]
+    out = out or (Path(plot).with_suffix(".json") if plot else None)
     if out:
         write_json(out, data)
+    if plot:
+        from dlpipe.training.plots import latency
+
+        latency(data, plot)
     rows = [[s.name, s.batch, marked(s.p50_ms, s.spread_too_wide), s.p90_ms, s.p99_ms,
              marked(s.throughput, s.spread_too_wide, digits=0)] for s in stats]
     human = table(rows, ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"])
@@ -730,7 +774,8 @@ def _task_table(tasks: list[dict]) -> str:
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="One JSON line per request.")
 def serve_cmd(sources, host, port, device, threads, instances, max_batch_size, preferred_batch_size,
               max_queue_delay_ms, idle_run, max_queue, timeout_s, max_body_mb, max_pixels, access_log) -> None:
-    """Serve SOURCES (ONNX files or Triton-layout repositories) over the Open Inference Protocol (KServe v2)."""
+    """Serve SOURCES (ONNX files, model package folders or Triton-layout repositories) over the Open Inference
+    Protocol (KServe v2), with task endpoints under /v1."""
     from dlpipe.apps.serve.app import ServerLimits
     from dlpipe.apps.serve.repository import ModelSettings
     from dlpipe.apps.serve.run import serve

@@ -11,7 +11,8 @@ import torch
 from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
 from dlpipe.runtime.captioner import is_package, read_manifest
 from dlpipe.runtime.engine import Engine
-from dlpipe.runtime.errors import InputError
+from dlpipe.runtime.errors import InputError, UsageError
+from dlpipe.runtime.files import write_json
 from dlpipe.runtime.predictors import load
 from dlpipe.training.checkpoint import load_checkpoint, model_from_checkpoint
 from dlpipe.training.tasks import get_task
@@ -35,6 +36,30 @@ def evaluate_onnx(model: str | Path, dataset: str | None = None, split: str = "t
     return {"model": str(model), "task": task.name, "precision": predictor.info.precision, "dataset": dataset,
             "split": split, "metric": task.metric.key, "metric_name": task.metric.name,
             "labels": list(predictor.info.labels), "providers": predictor.engine.providers, **report}
+
+
+def plots_folder(folder: str | Path) -> Path:
+    """The folder ``dlpipe evaluate --plots`` writes into, made when missing (checked before evaluating).
+
+    Raises:
+        UsageError: ``folder`` is an existing file, or cannot be made.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--plots '{folder}' is a file; give a folder (it is made when missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--plots '{folder}': cannot make the folder ({e.strerror or e})") from None
+    return folder
+
+
+def save_report(report: dict[str, Any], path: str | Path) -> list[Path]:
+    """Write an :func:`evaluate_onnx` report as JSON at ``path`` and its task's plots beside it (the task's
+    ``plots`` hook); the files written, the JSON first (only the JSON for a task without plots)."""
+    path = write_json(path, report)
+    task = get_task(report["task"])
+    return [path, *(task.plots(report, path) if task.plots is not None else [])]
 
 
 def _engines(models: Sequence[str | Path], device: str, threads: int | None) -> dict[str, Engine]:

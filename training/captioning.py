@@ -284,6 +284,35 @@ def caption_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]
     return {"bleu": bleu.score / 100, "exact": exact, "images": len(hypotheses)}
 
 
+def bleu_by_length(hypotheses: Sequence[str], references: Sequence[Sequence[str]], buckets: int = 5
+                   ) -> list[dict[str, Any]]:
+    """Corpus BLEU-4 (sacrebleu, by :func:`caption_scores`) per bucket of images grouped by their references'
+    length (the mean word count of an image's references, rounded): one bucket per length when there are at
+    most ``buckets`` lengths, else ``buckets`` buckets of about equal image counts.
+
+    Returns:
+        Per bucket, shortest first: ``words`` (``"7"`` or ``"5-6"``), ``min_words``, ``max_words``, ``images``
+        and ``bleu`` (a fraction).
+    """
+    lengths = np.array([round(float(np.mean([len(Vocabulary.words(r)) for r in rs]))) for rs in references])
+    if not len(lengths):
+        return []
+    distinct = np.unique(lengths)
+    if len(distinct) > buckets:  # edges at quantiles of the lengths, so each bucket holds about as many images
+        edges = np.unique(np.quantile(lengths, np.linspace(0, 1, buckets + 1)[1:-1], method="higher"))
+        groups = np.searchsorted(edges, lengths, side="right")
+    else:
+        groups = np.searchsorted(distinct, lengths)
+    out = []
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        low, high = int(lengths[idx].min()), int(lengths[idx].max())
+        score = caption_scores([hypotheses[i] for i in idx], [references[i] for i in idx])["bleu"]
+        out.append({"words": str(low) if low == high else f"{low}-{high}", "min_words": low, "max_words": high,
+                    "images": int(len(idx)), "bleu": score})
+    return out
+
+
 def _subset(data: CaptionData, idx: torch.Tensor) -> CaptionData:
     return CaptionData(data.images[idx], [data.references[i] for i in idx.tolist()])
 
@@ -378,4 +407,5 @@ def evaluate_captioner(captioner, dataset: str | None = None, split: str = "test
     return {"model": str(captioner.path), "precision": captioner.precision, "dataset": dataset, "split": split,
             "images": scores["images"], "accuracy": scores["exact"], "bleu": scores["bleu"],
             "exact": scores["exact"], "beam": width, "seconds": seconds, "labels": [],
+            "bleu_by_length": bleu_by_length([c.sentence for c in found], data.references),
             "providers": captioner.encoder.providers}

@@ -99,8 +99,12 @@ def detect(model, images: torch.Tensor, batch_size: int = 32) -> list[dict[str, 
 
 
 def coco_metrics(targets: Sequence[dict[str, np.ndarray]], predictions: Sequence[dict[str, np.ndarray]],
-                 labels: Sequence[str]) -> dict[str, float]:
+                 labels: Sequence[str], curves: bool = False) -> dict[str, Any]:
     """COCO mAP of ``predictions`` against ``targets`` (same order), by pycocotools' COCOeval.
+
+    Args:
+        curves: Also return ``pr_curves`` (``dlpipe evaluate --plots``): COCOeval's own interpolated
+            precision at its 101 recall points per class, at IoU 0.5, all areas, 100 detections.
 
     Returns:
         ``map50`` (AP at IoU 0.5), ``map`` (AP averaged over IoU 0.5:0.95), ``map75`` and the mean recall
@@ -132,8 +136,25 @@ def coco_metrics(targets: Sequence[dict[str, np.ndarray]], predictions: Sequence
         evaluator.accumulate()
         evaluator.summarize()
     s = evaluator.stats
-    return {"map": float(max(s[0], 0)), "map50": float(max(s[1], 0)), "map75": float(max(s[2], 0)),
-            "mar100": float(max(s[8], 0))}
+    out = {"map": float(max(s[0], 0)), "map50": float(max(s[1], 0)), "map75": float(max(s[2], 0)),
+           "mar100": float(max(s[8], 0))}
+    return {**out, "pr_curves": pr_curves(evaluator, labels)} if curves else out
+
+
+def pr_curves(evaluator, labels: Sequence[str], iou: float = 0.5) -> dict[str, Any]:
+    """Per class, an accumulated COCOeval's precision at its recall points (``eval["precision"]``, indexed
+    [IoU threshold, recall, class, area, max detections]) at IoU ``iou``, all areas and the most detections;
+    None for a class without ground truth (COCOeval's -1), 4 decimals to keep the report small."""
+    params = evaluator.params
+    t = int(np.argmin(np.abs(np.asarray(params.iouThrs) - iou)))
+    precision = np.asarray(evaluator.eval["precision"])[t, :, :, params.areaRngLbl.index("all"), -1]
+    per_class = {}
+    for k, cat in enumerate(params.catIds):
+        column = precision[:, k]
+        name = labels[cat] if cat < len(labels) else str(cat)
+        per_class[name] = None if (column < 0).all() else [round(float(v), 4) for v in column]
+    return {"iou": float(params.iouThrs[t]), "max_detections": int(params.maxDets[-1]),
+            "recall": [round(float(r), 2) for r in params.recThrs], "precision": per_class}
 
 
 def evaluate(model, images: torch.Tensor, targets: Sequence[dict], labels: Sequence[str]) -> dict[str, float]:

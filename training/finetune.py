@@ -39,6 +39,7 @@ from dlpipe.training.precision import Precision
 from dlpipe.training.pretrained import TORCHVISION_PREFIX, load_torchvision
 from dlpipe.training.registry import get_spec
 from dlpipe.training.tasks.classification import METRIC as ACCURACY, train_one_epoch
+from dlpipe.training.train import final_curves
 
 SCHEDULES = ("none", "step", "cosine")  # onecycle would overwrite the per-group learning rates
 # best.pt: the best validation accuracy; among equal ones (small validation sets), the lowest loss
@@ -483,7 +484,10 @@ def finetune_command(nproc: int | None = None, nnodes: int = 1, rdzv_endpoint: s
     if ((nproc or 1) > 1 or nnodes > 1) and not distributed.launched():
         return distributed.launch(finetune_command, nproc=nproc or 1, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                                   rdzv_id=rdzv_id, **options)
-    return finetune(FinetuneConfig(**options))
+    try:
+        return finetune(FinetuneConfig(**options))
+    finally:
+        final_curves(options.get("out"))  # curves.png with every row, once more
 
 
 def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:

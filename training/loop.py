@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from dlpipe.runtime.errors import InputError, ModelFileError
 from dlpipe.training import data as datasets
-from dlpipe.training import distributed
+from dlpipe.training import distributed, plots, tracking
 from dlpipe.training.checkpoint import best_score, checkpoint_payload, load_checkpoint, save_checkpoint
 from dlpipe.training.registry import ModelSpec, get_spec
 
@@ -303,6 +303,8 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        tracking.log_row(row)  # the active tracker (--log tensorboard|mlflow), if any
+        plots.curves(self.path)  # curves.png beside the file
 
 
 @dataclass

@@ -7,10 +7,12 @@ callers that train one model: ``train(TrainConfig(model=...))``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from dlpipe.runtime.errors import UsageError
-from dlpipe.training import distributed
+from dlpipe.training import distributed, plots
 from dlpipe.training.loop import (INITS, OPTIMIZERS, SCHEDULES, TrainConfig, build_optimizer, build_scheduler,
                                   init_weights, resolve_config)
 from dlpipe.training.registry import get_spec
@@ -33,6 +35,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 # options of the shared loop's distributed and mixed-precision training, refused by tasks not on it
 PARALLEL_OPTIONS = ("amp", "sync_bn", "ddp_timeout")
+
+
+def final_curves(out: str | None) -> None:
+    """Redraw ``curves.png`` of the run in ``out`` once more, unthrottled, as a run ends (or stops), so it
+    shows every row: on rank 0 (its ``RANK``: the process group is gone by now), where ``metrics.jsonl`` is."""
+    metrics = Path(out or "") / "metrics.jsonl"
+    if out and distributed.is_main() and os.environ.get("RANK", "0") == "0" and metrics.is_file():
+        plots.curves(metrics, force=True)
 
 
 def train_command(model: str, progress: bool = True, recipe: str = "default", nproc: int | None = None,
@@ -68,7 +78,10 @@ def train_command(model: str, progress: bool = True, recipe: str = "default", np
                                    **options)
         return found or ({"rank0": "elsewhere"}, "this node's processes finished; rank 0 (on another node) wrote "
                                                  "the checkpoint")
-    result = task.command(model, progress=progress, recipe=recipe, **options)
+    try:
+        result = task.command(model, progress=progress, recipe=recipe, **options)
+    finally:
+        final_curves(options.get("out"))
     if "best" not in result and "rank" in result:  # a rank other than 0: rank 0 reports
         return result, f"rank {result['rank']} finished"
     result["recipe"] = recipe

@@ -13,6 +13,7 @@ the export layer runs it: a task says how to make its example inputs and which g
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -127,6 +128,8 @@ class Task:
         demo: The task's row in ``dlpipe demo`` (None: no row).
         data_parallel: Whether it trains on the shared loop with its distributed and mixed-precision
             options (``--nproc``, torchrun, ``--amp``, ``--sync-bn``); the others refuse them.
+        plots: ``f(evaluation report, report's JSON path) -> [PNG paths]``: ``dlpipe evaluate --plots`` draws
+            the report's figures beside its JSON (:mod:`dlpipe.training.report_plots`); None: no plots.
     """
 
     name: str
@@ -144,6 +147,7 @@ class Task:
     batched: bool = True
     demo: DemoRow | None = None
     data_parallel: bool = False
+    plots: Callable[[dict[str, Any], Path], list[Path]] | None = None
 
     def describe(self, report: dict[str, Any]) -> str:
         """An evaluation report's figures in words."""

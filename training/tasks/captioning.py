@@ -17,6 +17,7 @@ from dlpipe.runtime.captioner import SPECIAL_TOKENS, Captioner, read_manifest
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import ModelInfo
+from dlpipe.training import report_plots
 from dlpipe.training.captioning import METRIC, SHAPES_CAPTIONS, evaluate_captioner, train_captioner
 from dlpipe.training.captions import TEST_START, caption_set
 from dlpipe.training.loop import TrainConfig
@@ -126,7 +127,7 @@ TASK = Task(
     graphs=graphs, metadata=metadata,
     quantization=QuantizationPolicy(inputs=package_inputs, agreement=caption_agreement,
                                     agreement_name="identical greedy captions", parts=part_plans),
-    evaluate=evaluate_onnx, predictor=Captioner,
+    evaluate=evaluate_onnx, plots=report_plots.bleu_by_length, predictor=Captioner,
     report=lambda r: f"BLEU-4 {r['bleu']:.4f}, exact sentences {100 * r['exact']:.1f}%",
     demo=DemoRow(model="captioner", options=dict(epochs=8, limit=6000, test_limit=100, schedule="onecycle",
                                                  model_args={"hidden": 128}),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.predictors import Classifier
 from dlpipe.training import data as datasets
+from dlpipe.training import report_plots
 from dlpipe.training.folders import folder_images
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
 from dlpipe.training.precision import Precision
@@ -181,7 +182,8 @@ TASK = Task(
     data_parallel=True,
     train=train, command=supervised_command(train), summary=supervised_summary(METRIC), graphs=single_graph,
     quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement),
-    evaluate=evaluate_onnx, predictor=Classifier, report=lambda r: f"accuracy {100 * r['acc']:.2f}%",
+    evaluate=evaluate_onnx, plots=report_plots.confusion, predictor=Classifier,
+    report=lambda r: f"accuracy {100 * r['acc']:.2f}%",
     demo=DemoRow(model="lenet5", options=dict(dataset="shapes", epochs=8, schedule="onecycle", lr=3e-3,
                                               optimizer="adam"),
                  quick=dict(epochs=1, limit=1200, test_limit=300, schedule="none", lr=None, optimizer=None),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe.runtime.policy import Policy
-from dlpipe.training import dqn
+from dlpipe.training import dqn, report_plots
 from dlpipe.training.loop import Metric, TrainConfig
 from dlpipe.training.play import play
 from dlpipe.training.tasks.base import DemoRow, QuantizationPolicy, Task
@@ -31,7 +31,7 @@ def evaluate_onnx(predictor: Policy, model: str | Path, dataset: str | None, spl
     del predictor, split, data_dir
     r = play(model, dataset, episodes=limit or 10, seed=1000)
     return {"mean_return": r["mean_return"], "std_return": r["std_return"], "episodes": r["episodes"],
-            "images": 0, "env": r["env"], "policy_ms_per_step": r["policy_ms_per_step"]}
+            "images": 0, "env": r["env"], "policy_ms_per_step": r["policy_ms_per_step"], "returns": r["returns"]}
 
 
 TASK = Task(
@@ -41,7 +41,7 @@ TASK = Task(
     quantization=QuantizationPolicy(inputs=dqn.observations, agreement=dqn.decisive_agreement,
                                     agreement_name="agreement on decisive actions",
                                     keep_fp32_nodes=dqn.int8_fp32_nodes, bias_correct_output=True),
-    evaluate=evaluate_onnx, predictor=Policy,
+    evaluate=evaluate_onnx, plots=report_plots.returns, predictor=Policy,
     report=lambda r: (f"mean return {r['mean_return']:.1f} ± {r['std_return']:.1f} over {r['episodes']} "
                       f"episode{'s' * (r['episodes'] != 1)}"),
     demo=DemoRow(model="dqn-cartpole", options=dict(total_steps=8000, eval_interval=2000),

@@ -13,6 +13,7 @@ import torch
 from dlpipe.runtime.errors import InputError, ModelFileError
 from dlpipe.runtime.predictors import Detector
 from dlpipe.training import data as datasets
+from dlpipe.training import report_plots
 from dlpipe.training.detection import (DetectionDataset, coco_metrics, detection_collate, evaluate, model_args_for,
                                        train_one_epoch)
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
@@ -119,7 +120,7 @@ def evaluate_onnx(predictor: Detector, model: str | Path, dataset: str, split: s
     start = time.perf_counter()
     predictions = [dict(zip(("boxes", "labels", "scores"), predictor.raw(image))) for image in images]
     seconds = time.perf_counter() - start
-    return {"images": int(len(images)), **coco_metrics(targets, predictions, info.labels),
+    return {"images": int(len(images)), **coco_metrics(targets, predictions, info.labels, curves=True),
             "objects": int(sum(len(t["labels"]) for t in targets)), "seconds": seconds}
 
 
@@ -131,7 +132,7 @@ TASK = Task(
     quantization=QuantizationPolicy(inputs=model_images, agreement=agreement,
                                     agreement_name="confident detections matched", fp16_scopes=FP16_SCOPES,
                                     int8_ops=INT8_OPS, reported_fp32_ops=REPORTED_FP32_OPS),
-    evaluate=evaluate_onnx, predictor=Detector, batched=False,
+    evaluate=evaluate_onnx, plots=report_plots.precision_recall, predictor=Detector, batched=False,
     report=lambda r: f"mAP@0.5 {r['map50']:.4f}, mAP@[.5:.95] {r['map']:.4f}",
     demo=DemoRow(model="rcnn", options=dict(dataset="shapes-boxes", epochs=4, limit=2400, lr=2e-3, optimizer="adam",
                                             schedule="onecycle", test_limit=300),

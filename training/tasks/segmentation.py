@@ -13,6 +13,7 @@ import numpy as np
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.predictors import Segmenter
 from dlpipe.training import data as datasets
+from dlpipe.training import report_plots
 from dlpipe.training.loop import Metric, TrainConfig, run_supervised
 from dlpipe.training.tasks.base import DemoRow, QuantizationPolicy, Task
 from dlpipe.training.tasks.classification import mean_iou, prepare_images
@@ -54,7 +55,7 @@ TASK = Task(
     summary=supervised_summary(METRIC, (("acc", "pixel accuracy"),)), graphs=single_graph,
     quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement,
                                     agreement_name="per-pixel top-1 agreement"),
-    evaluate=evaluate_onnx, predictor=Segmenter,
+    evaluate=evaluate_onnx, plots=report_plots.class_iou, predictor=Segmenter,
     report=lambda r: f"mean IoU {r['miou']:.4f}, pixel accuracy {100 * r['accuracy']:.2f}%",
     demo=DemoRow(model="fcn2s", options=dict(dataset="shapes-scenes", epochs=8, limit=3000, lr=3e-3, batch_norm=True,
                                              model_args={"fusion": "conv"}, optimizer="adam", schedule="onecycle",
