@@ -274,8 +274,12 @@ def main() -> None:
             for server, batching in servers:  # side by side: each client count on every server in turn
                 runs.append(_one_run(str(link), batching, clients, mode, args, server))
                 print(json.dumps(runs[-1]), flush=True)
+    bare = _bare(str(link), shape, args.threads)
+    best = max(bare.values())
+    for run in runs:  # the measure for a compute-bound model: rows/s over the bare session's best batch
+        run["fraction_of_bare_best"] = round(run["throughput_rps"] * shape[0] / best, 3)
     payload = {"model": str(with_model), "client": args.client, "seconds_per_run": args.seconds, "threads": args.threads,
-               "shape": shape, "bare_session": _bare(str(link), shape, args.threads), "runs": runs,
+               "shape": shape, "bare_session": bare, "bare_best_rows_per_s": best, "runs": runs,
                "pytriton": _ratios(runs) if args.pytriton else "not measured in this run"}
     print(write_result("serve", payload, args.out))
 
