@@ -69,6 +69,46 @@ DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=
                         help="Data root (default: $DLPIPE_DATA_DIR, else ~/.cache/dlpipe/data).")
 
 
+def TRACKED(command):
+    """``--log``, ``--tracking-uri`` and ``--experiment`` of the training commands (issue 18)."""
+    command = click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="dlpipe", show_default=True,
+                           help="--log mlflow: the experiment the run goes in.")(command)
+    command = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                           help="--log mlflow: the tracking server or store (default: $MLFLOW_TRACKING_URI, else "
+                                "MLflow's own, sqlite:///mlflow.db in the working folder).")(command)
+    return click.option("--log", type=click.Choice(["none", "tensorboard", "mlflow"]), envvar="DLPIPE_LOG",
+                        default="none", show_default=True,
+                        help="Track the run (or $DLPIPE_LOG): TensorBoard event files under --out/tensorboard, or an "
+                             "MLflow run: hyper-parameters, per-epoch metrics, learning rate, images/s, test metrics "
+                             "and pictures. Needs dlpipe[tensorboard] or dlpipe[mlflow].")(command)
+
+
+def ATTACHED(command):
+    """``--log mlflow --run-id RUN`` of export, quantize, evaluate and bench: what they make joins the
+    training's MLflow run (issue 18)."""
+    command = click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="dlpipe", show_default=True,
+                           help="--log mlflow without --run-id: the experiment of the new run.")(command)
+    command = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                           help="--log mlflow: the tracking server or store (default: $MLFLOW_TRACKING_URI, else "
+                                "MLflow's own, sqlite:///mlflow.db in the working folder).")(command)
+    command = click.option("--run-id", default=None,
+                           help="The MLflow run to add to (the training run's id, printed by train --log mlflow); "
+                                "implies --log mlflow.")(command)
+    return click.option("--log", type=click.Choice(["none", "mlflow"]), default="none", show_default=True,
+                        help="Log to MLflow: ONNX models in its onnx flavour with a signature, metrics per "
+                             "precision, reports and latency tables. Needs dlpipe[mlflow].")(command)
+
+
+def _attach(track: dict, **what) -> None:
+    """Send what a command made to MLflow when ``--log mlflow``/``--run-id`` asks; say where on stderr."""
+    if track["log"] == "none" and not track["run_id"]:
+        return
+    from dlpipe.training.tracking import Tracking, attach
+
+    found = attach(Tracking("mlflow", track["tracking_uri"], track["experiment"], track["run_id"]), **what)
+    click.echo(f"logged to mlflow run {found['run_id']} at {found['where']}", err=True)
+
+
 def _finish(rows: list[dict], as_json: bool, human) -> None:
     """Print the results (``human(good_rows)`` or all rows as JSON), then one line per failed image on
     stderr; exit 1 when any failed."""
@@ -203,6 +243,7 @@ def _quiet_distributed(opts: dict) -> None:
               help="Mixed-precision training (autocast): bf16 on the CPU or CUDA, fp16 with a gradient scaler; "
                    "checkpoints stay fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@TRACKED
 @DATA_DIR
 @JSON
 def train_cmd(model, as_json, no_progress, **opts) -> None:
@@ -252,6 +293,7 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @click.option("--amp", type=click.Choice(["off", "bf16", "fp16"]), default=None,
               help="Mixed-precision training (autocast); checkpoints stay fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@TRACKED
 @DATA_DIR
 @JSON
 def finetune_cmd(as_json, no_progress, **opts) -> None:
@@ -259,6 +301,7 @@ def finetune_cmd(as_json, no_progress, **opts) -> None:
     _quiet_distributed(opts)
     from dlpipe.apps.finetune_report import describe
     from dlpipe.training.finetune import finetune_command
+    from dlpipe.training.train import tracked_line
 
     if opts["ddp_timeout"] is None:
         del opts["ddp_timeout"]  # the config's default
@@ -266,7 +309,7 @@ def finetune_cmd(as_json, no_progress, **opts) -> None:
     if r is None:
         click.echo("this node's processes finished; rank 0 (on another node) wrote the checkpoint")
         return
-    emit(r, as_json, describe(r))
+    emit(r, as_json, describe(r) + tracked_line(r))
 
 
 @cli.command("export")
@@ -283,9 +326,10 @@ def finetune_cmd(as_json, no_progress, **opts) -> None:
 @click.option("--labels", default=None, help="Class names, comma-separated or @file (one per line), for --builder.")
 @click.option("--mean", default=None, help="Per-channel mean (0-1 scale), for --builder.")
 @click.option("--std", default=None, help="Per-channel std (0-1 scale), for --builder.")
+@ATTACHED
 @JSON
 def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights, input_shape, labels, mean, std,
-               as_json) -> None:
+               as_json, **track) -> None:
     """Export a training CHECKPOINT, a torchvision classifier (torchvision:ARCH[:WEIGHTS], or --weights FILE.pth;
     categories and preprocessing from the weights' metadata) or your own --builder module to ONNX, with parity
     checks."""
@@ -308,6 +352,7 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
     human = (f"wrote {report.path} ({report.model}, opset {report.opset}, {report.exporter} exporter, "
              f"{report.seconds:.1f}s)\nparity with PyTorch:\n" + table(rows, ["output", "batch", "shape", "max |diff|", "atol"]))
     emit(report.as_dict(), as_json, human)
+    _attach(track, models=[report.path], documents={"export.json": report.as_dict()})
 
 
 @cli.command("quantize")
@@ -335,10 +380,11 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
               help="Fail when top-1 agreement with fp32 is lower.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Default: MODEL.<precision>.onnx, or manifest.<precision>.json in a package folder.")
+@ATTACHED
 @DATA_DIR
 @JSON
 def quantize_cmd(model, precision, method, int8_format, batch, calibration, calibration_size, calibration_method,
-                 per_channel, keep_fp32, min_agreement, out, data_dir, as_json) -> None:
+                 per_channel, keep_fp32, min_agreement, out, data_dir, as_json, **track) -> None:
     """Quantize a dlpipe fp32 MODEL (ONNX file, package folder or manifest) to fp16 or int8; check it against fp32."""
     from dlpipe.export.quantize import QuantizationConfig, quantize
 
@@ -366,6 +412,8 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
     if report.warning:
         click.echo(f"warning: {report.warning}", err=True)
     emit(report.as_dict(), as_json, human)
+    _attach(track, models=[report.path], metrics={f"quantize_{report.precision}_agreement": report.agreement},
+            documents={f"quantize.{report.precision}.json": report.as_dict()})
 
 
 @cli.command("evaluate")
@@ -378,8 +426,9 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
               help="Write each model's report (<name>.json) and its task's plots (PNG) into this folder.")
 @DEVICE
 @DATA_DIR
+@ATTACHED
 @JSON
-def evaluate_cmd(models, dataset, split, limit, confusion, plots, device, data_dir, as_json) -> None:
+def evaluate_cmd(models, dataset, split, limit, confusion, plots, device, data_dir, as_json, **track) -> None:
     """Task metrics of each MODEL (ONNX file, package folder or manifest; any precision) through the runtime."""
     from dlpipe.export.evaluate import evaluate_onnx, plots_folder
     from dlpipe.training.tasks import get_task
@@ -398,6 +447,16 @@ def evaluate_cmd(models, dataset, split, limit, confusion, plots, device, data_d
     if folder is not None:
         human += "\n\n" + _save_reports(reports, models, folder)
     emit(reports, as_json, human)
+    _attach(track, metrics=_evaluation_metrics(reports),
+            documents={f"evaluate/{i}-{Path(r['model']).stem}.json": r for i, r in enumerate(reports)},
+            files=[f for r in reports for f in r.get("files", []) if f.endswith(".png")])
+
+
+def _evaluation_metrics(reports: list[dict]) -> dict[str, float]:
+    """The task metrics of evaluate's reports as MLflow metrics, named by precision: ``eval_int8_accuracy``."""
+    skip = {"images", "seconds", "batch", "limit"}
+    return {f"eval_{r['precision']}_{k}": v for r in reports for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
 def _save_reports(reports: list[dict], models: tuple[str, ...], folder: Path) -> str:
@@ -441,8 +500,9 @@ def _save_reports(reports: list[dict], models: tuple[str, ...], folder: Path) ->
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Draw latency (p50, p90-p99 whiskers) and throughput per variant and batch size as this PNG; "
                    "the JSON beside it (FILE.json) unless --out is given.")
+@ATTACHED
 @JSON
-def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, plot, as_json) -> None:
+def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, plot, as_json, **track) -> None:
     """Latency (p50/p90/p99) and throughput of ONNX MODELS, beside PyTorch eager."""
     from dlpipe.export.evaluate import benchmark
     from dlpipe.runtime.benchmark import SPREAD_FOOTNOTE, marked
@@ -464,6 +524,9 @@ def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, 
              marked(s.throughput, s.spread_too_wide, digits=0)] for s in stats]
     human = table(rows, ["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"])
     emit(data, as_json, human + (f"\n{SPREAD_FOOTNOTE}" if any(s.spread_too_wide for s in stats) else ""))
+    _attach(track, documents={"bench/latency.json": data}, files=[plot] if plot else [],
+            metrics={f"bench/{s.name}/b{s.batch}/{key}": value for s in stats
+                     for key, value in (("p50_ms", s.p50_ms), ("items_per_s", s.throughput))})
 
 
 @cli.command("classify")

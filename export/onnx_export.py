@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -182,7 +183,18 @@ def graph_metadata(ckpt: dict[str, Any], contract: OnnxContract, dynamic_batch: 
                           preprocessing=preprocessing, inputs=list(contract.inputs), outputs=list(contract.outputs),
                           dynamic_axes=_axes(contract, dynamic_batch), dataset=ds["name"],
                           metrics=dict(ckpt.get("metrics", {})))
-    return {**meta, "model_args": ckpt["model_args"], **extra}
+    # The recipe (the run's resolved configuration) travels with the model, for its model card (issue 18).
+    training = {k: v for k, v in (ckpt.get("config") or {}).items() if _json_value(v)}
+    return {**meta, "model_args": ckpt["model_args"], "training": training, **extra}
+
+
+def _json_value(value: Any) -> bool:
+    """Whether ``value`` is plain JSON (a config value such as a path object is left out of the metadata)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _package_folder(out: str | Path) -> Path:

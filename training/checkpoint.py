@@ -15,6 +15,7 @@ from torch import nn
 
 from dlpipe.runtime.errors import DlpipeError, ModelFileError
 from dlpipe.runtime.files import atomic_output
+from dlpipe.training import tracking
 from dlpipe.training.registry import get_spec
 
 FORMAT = "dlpipe.checkpoint"
@@ -35,6 +36,8 @@ def checkpoint_payload(*, model: str, task: str, model_args: dict[str, Any], con
         examples: Real preprocessed inputs for the export's parity checks.
         extra: Task-specific content (a vocabulary, an environment, ...).
     """
+    tracking.log_params({"model": model, "task": task, "dataset": dataset.get("name"), **config,
+                         "model_args": model_args})  # the run's tracker, when --log asks for one
     return {"model": model, "task": task, "model_args": model_args, "config": _plain(config), "dataset": dataset,
             "examples": examples, "versions": {"torch": str(torch.__version__)}, **extra}
 

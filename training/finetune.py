@@ -28,7 +28,7 @@ from dlpipe.runtime.errors import DataNotFoundError, InputError
 from dlpipe.runtime.images import preprocess
 from dlpipe.runtime.metadata import Preprocessing
 from dlpipe.training import data as datasets
-from dlpipe.training import distributed
+from dlpipe.training import distributed, tracking
 from dlpipe.training.checkpoint import (best_score, checkpoint_payload, load_checkpoint, model_from_checkpoint,
                                        save_checkpoint)
 from dlpipe.training.dataset_info import DatasetInfo
@@ -39,7 +39,7 @@ from dlpipe.training.precision import Precision
 from dlpipe.training.pretrained import TORCHVISION_PREFIX, load_torchvision
 from dlpipe.training.registry import get_spec
 from dlpipe.training.tasks.classification import METRIC as ACCURACY, train_one_epoch
-from dlpipe.training.train import final_curves
+from dlpipe.training.train import final_curves, tracking_settings
 
 SCHEDULES = ("none", "step", "cosine")  # onecycle would overwrite the per-group learning rates
 # best.pt: the best validation accuracy; among equal ones (small validation sets), the lowest loss
@@ -484,10 +484,15 @@ def finetune_command(nproc: int | None = None, nnodes: int = 1, rdzv_endpoint: s
     if ((nproc or 1) > 1 or nnodes > 1) and not distributed.launched():
         return distributed.launch(finetune_command, nproc=nproc or 1, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
                                   rdzv_id=rdzv_id, **options)
-    try:
-        return finetune(FinetuneConfig(**options))
-    finally:
-        final_curves(options.get("out"))  # curves.png with every row, once more
+    track = tracking_settings(options)
+    with tracking.tracked(track, options.get("out") or "runs/finetune") as tracker:
+        try:
+            result = finetune(FinetuneConfig(**options))
+        finally:
+            final_curves(options.get("out"))  # curves.png with every row, once more
+        if tracker is not None:
+            tracker.summary, result["tracking"] = result, tracking.described(tracker)
+    return result
 
 
 def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:

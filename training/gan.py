@@ -24,6 +24,7 @@ from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.files import atomic_output
 from dlpipe.runtime.generator import image_grid
 from dlpipe.training import data as datasets
+from dlpipe.training import tracking
 from dlpipe.training.checkpoint import checkpoint_payload, load_checkpoint, save_checkpoint
 from dlpipe.training.gan_quality import QualityClassifier
 from dlpipe.training.loop import MetricsLog, check_model_args, split_indices, start_run
@@ -267,8 +268,9 @@ def _end_epoch(run: _Run, figures: dict[str, float], log: MetricsLog, bar) -> No
            "val_confidence": quality["mean_confidence"], "val_classes_present": quality["classes_present"]}
     run.history.append(row)
     log.write(row)
-    save_grid(generate(run.model, run.fixed), run.out / "samples" / f"epoch_{run.epoch:03d}.png",
-              columns=run.model.num_classes or 8)  # a conditional model's grid: one column per class
+    grid = run.out / "samples" / f"epoch_{run.epoch:03d}.png"
+    save_grid(generate(run.model, run.fixed), grid, columns=run.model.num_classes or 8)  # conditional: a column per class
+    tracking.log_image("samples", grid, run.epoch)  # the fixed latents' grid, epoch by epoch, in the tracker
     improved = row["val_fid"] < run.best
     state = {**run.base, "state_dict": run.model.state_dict(), "epoch": run.epoch, "metric": METRIC_KEY,
              "metrics": {k: v for k, v in row.items() if k.startswith("val_")}}

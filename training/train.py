@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dlpipe.runtime.errors import UsageError
-from dlpipe.training import distributed, plots
+from dlpipe.training import distributed, plots, tracking
 from dlpipe.training.loop import (INITS, OPTIMIZERS, SCHEDULES, TrainConfig, build_optimizer, build_scheduler,
                                   init_weights, resolve_config)
 from dlpipe.training.registry import get_spec
@@ -78,12 +78,33 @@ def train_command(model: str, progress: bool = True, recipe: str = "default", np
                                    **options)
         return found or ({"rank0": "elsewhere"}, "this node's processes finished; rank 0 (on another node) wrote "
                                                  "the checkpoint")
-    try:
-        result = task.command(model, progress=progress, recipe=recipe, **options)
-    finally:
-        final_curves(options.get("out"))
+    track = tracking_settings(options)
+    with tracking.tracked(track, options.get("out") or "runs/train") as tracker:
+        try:
+            result = task.command(model, progress=progress, recipe=recipe, **options)
+        finally:
+            final_curves(options.get("out"))
+        if tracker is not None:
+            tracker.summary, result["tracking"] = result, tracking.described(tracker)
     if "best" not in result and "rank" in result:  # a rank other than 0: rank 0 reports
         return result, f"rank {result['rank']} finished"
     result["recipe"] = recipe
     measured = f", as measured by {spec.recipe.benchmark}" if recipe == "default" and spec.recipe.benchmark else ""
-    return result, f"{task.summary(result)}\nrecipe: {recipe}{measured}"
+    return result, f"{task.summary(result)}\nrecipe: {recipe}{measured}{tracked_line(result)}"
+
+
+def tracking_settings(options: dict[str, Any]) -> tracking.Tracking:
+    """``--log``, ``--tracking-uri`` and ``--experiment``, taken out of a command's ``options`` (the tasks do
+    not take them)."""
+    return tracking.Tracking(backend=options.pop("log", None) or "none", uri=options.pop("tracking_uri", None),
+                             experiment=options.pop("experiment", None) or "dlpipe")
+
+
+def tracked_line(result: dict[str, Any]) -> str:
+    """The line a tracked run adds to its summary: where to look."""
+    found = result.get("tracking")
+    if not found:
+        return ""
+    if found["backend"] == "mlflow":
+        return f"\nmlflow run {found['run_id']} at {found['where']}"
+    return f"\ntensorboard --logdir {found['where']}"
