@@ -53,7 +53,8 @@ def test_tensorboard_holds_every_epoch_the_config_and_the_test_figures(tmp_path)
     assert events.Scalars("test/acc")[-1].value == pytest.approx(summary["test_acc"])
     config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| model | lenet5 |" in config and "| epochs | 2 |" in config
-    assert "curves" in events.Tags()["images"]
+    assert {"curves", "predictions"} <= set(events.Tags()["images"])  # sample predictions, epoch by epoch
+    assert [e.step for e in events.Images("predictions")] == [1, 2]
 
 
 @pytest.mark.slow

@@ -422,6 +422,8 @@ class TaskRun:
         dataset: ``name``, ``labels``, ``preprocessing`` for the checkpoint and the ONNX metadata.
         extra: Task content of every checkpoint (vocabulary, decoding defaults...).
         config: More configuration to store beside the :class:`TrainConfig`.
+        preview: ``preview(model, path)`` draws a few validation predictions as a PNG, sent to the run's
+            tracker each epoch when one is active (``--log``).
     """
 
     model_args: dict[str, Any]
@@ -434,6 +436,7 @@ class TaskRun:
     dataset: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    preview: Callable[[nn.Module, Path], Any] | None = None
 
 
 def run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec], TaskRun], metric: Metric,
@@ -472,7 +475,7 @@ def _run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec]
              else FitState())
     trained = distributed.wrap(model, cfg.sync_bn)  # DDP in a distributed run; the checkpoints hold `model`
     hooks = EpochHooks(train=lambda bar: run.train_epoch(trained, optimizer, scheduler, bar),
-                       validate=lambda: run.validate(model), metric=metric)
+                       validate=previewed(run, model, out, state.epoch), metric=metric)
     log = MetricsLog(out / "metrics.jsonl", fresh=state.epoch == 0)
     state = fit(out, base, model, optimizer, scheduler, hooks, state, end_epoch=cfg.epochs,
                 images_per_epoch=run.images_per_epoch, log=log, generator=generator, patience=cfg.patience,
@@ -486,6 +489,24 @@ def _run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec]
             "metric": f"val_{metric.key}", "metric_name": metric.name, "best_val_score": state.best,
             **{f"test_{k}": v for k, v in test.items()}, "history": state.history, "train_seconds": seconds,
             "train_cpu_seconds": cpu_seconds, "processes": distributed.world_size()}
+
+
+def previewed(run: TaskRun, model: nn.Module, out: Path, epoch: int) -> Callable[[], dict[str, Any]]:
+    """``run.validate(model)``, then, when a tracker is active, the epoch's sample predictions
+    (``previews/epoch_NNN.png``) sent to it."""
+    done = [epoch]
+
+    def validate() -> dict[str, Any]:
+        figures = run.validate(model)
+        done[0] += 1
+        if run.preview is not None and tracking.active():
+            path = out / "previews" / f"epoch_{done[0]:03d}.png"
+            with torch.no_grad():
+                run.preview(model, path)
+            tracking.log_image("predictions", path, done[0])
+        return figures
+
+    return validate
 
 
 def score_best(path: Path, model: nn.Module, test: Callable[[nn.Module], dict[str, Any]], **more: Any

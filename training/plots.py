@@ -244,3 +244,52 @@ def latency(stats: Sequence[dict[str, Any]], path: str | Path) -> Path:
         fig.suptitle("hatched: spread too wide to trust (p90 over 2x p10); time again on a quiet machine",
                      fontsize=8)
     return save_figure(fig, path)
+
+
+def predictions(images: Any, truths: Any, outputs: Any, labels: Sequence[str], path: str | Path,
+                dense: bool = False) -> Path:
+    """A few validation images with the model's predictions (a sample picture for the run's tracker): the
+    predicted label and its probability over each image (green when right, red when wrong), or, for dense
+    outputs, each image beside its predicted and true masks.
+
+    Args:
+        images: ``N x C x H x W`` inputs as the model saw them (any normalisation: shown min-max scaled).
+        truths: ``N`` labels, or ``N x H x W`` masks.
+        outputs: ``N x K`` logits, or ``N x K x H x W``.
+    """
+    import numpy as np
+
+    images, truths, outputs = (np.asarray(a, dtype=np.float32 if i == 0 else None)
+                               for i, a in enumerate((images, truths, outputs)))
+    n = len(images)
+    shown = images.transpose(0, 2, 3, 1)
+    low = shown.min(axis=(1, 2, 3), keepdims=True)
+    shown = (shown - low) / np.maximum(shown.max(axis=(1, 2, 3), keepdims=True) - low, 1e-8)
+    shown = shown[..., 0] if shown.shape[-1] == 1 else shown
+    grey = {"cmap": "gray", "vmin": 0, "vmax": 1} if shown.ndim == 3 else {}
+    if dense:
+        fig = new_figure(1.6 * n, 5.0)
+        axes = fig.subplots(3, n, squeeze=False)
+        predicted, k = outputs.argmax(1), max(outputs.shape[1] - 1, 1)
+        for i in range(n):
+            for row, (picture, style) in enumerate(((shown[i], grey), (predicted[i], {"cmap": "tab20", "vmin": 0, "vmax": k}),
+                                                    (truths[i], {"cmap": "tab20", "vmin": 0, "vmax": k}))):
+                axes[row, i].imshow(picture, interpolation="nearest", **style)
+                axes[row, i].set_xticks([])
+                axes[row, i].set_yticks([])
+        for row, name in enumerate(("image", "predicted", "true")):
+            axes[row, 0].set_ylabel(name)
+    else:
+        probs = np.exp(outputs - outputs.max(1, keepdims=True))
+        probs /= probs.sum(1, keepdims=True)
+        fig = new_figure(1.6 * n, 2.0)
+        axes = fig.subplots(1, n, squeeze=False)[0]
+        for i in range(n):
+            guess = int(probs[i].argmax())
+            name = labels[guess] if guess < len(labels) else str(guess)
+            axes[i].imshow(shown[i], interpolation="nearest", **grey)
+            axes[i].set_title(f"{name[:12]} {probs[i, guess]:.2f}", fontsize=8,
+                              color="tab:green" if guess == int(truths[i]) else "tab:red")
+            axes[i].axis("off")
+    fig.tight_layout()
+    return save_figure(fig, path)

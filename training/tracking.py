@@ -246,6 +246,11 @@ def tracked(tracking: Tracking, out: str | Path | None) -> Iterator[Tracker | No
         tracker.close(getattr(tracker, "summary", None), folder, status)
 
 
+def active() -> bool:
+    """Whether a tracker is taking this run's figures (pictures are drawn only then)."""
+    return _ACTIVE is not None
+
+
 def log_params(config: dict[str, Any]) -> None:
     """Send the run's resolved configuration to the active tracker, if any (the first call counts)."""
     if _ACTIVE is not None:

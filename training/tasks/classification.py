@@ -4,6 +4,7 @@ per-pixel cross-entropy is the same loop."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from dlpipe.runtime.errors import InputError
 from dlpipe.runtime.predictors import Classifier
 from dlpipe.training import data as datasets
-from dlpipe.training import report_plots
+from dlpipe.training import plots, report_plots
 from dlpipe.training.folders import folder_images
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
 from dlpipe.training.precision import Precision
@@ -139,7 +140,17 @@ def prepare_images(cfg: TrainConfig, spec: ModelSpec, dense: bool = False) -> Ta
                        precision=precision),
                    validate=lambda model: evaluate(model, val_loader, iou=dense), test=test,
                    examples=torch.stack([val_ds[i][0] for i in range(min(cfg.examples, len(val_ds)))]),
-                   dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()})
+                   dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()},
+                   preview=functools.partial(preview, val_ds, info.labels, dense=dense))
+
+
+def preview(dataset: Dataset, labels: Sequence[str], model: nn.Module, path: Path, dense: bool = False,
+            count: int = 8) -> None:
+    """The first ``count`` validation images with ``model``'s predictions, drawn to ``path``."""
+    pairs = [dataset[i] for i in range(min(count, len(dataset)))]
+    images, truths = torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])
+    model.eval()
+    plots.predictions(images.numpy(), truths.numpy(), model(images).float().numpy(), labels, path, dense=dense)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
