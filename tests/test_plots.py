@@ -205,3 +205,28 @@ def test_bleu_by_caption_length_and_returns_per_episode(tmp_path):
     assert report_plots.returns(policy, tmp_path / "p.json") == [tmp_path / "p_returns.png"]
     assert_png(tmp_path / "p_returns.png")
     assert report_plots.returns({"returns": []}, tmp_path / "q.json") == []
+
+
+def test_sample_pictures_show_the_boxes_and_the_predictions(tmp_path):
+    """The tracker's sample pictures (issue 18): a detector's boxes are drawn where they are; a classifier's
+    images carry their predicted label."""
+    import numpy as np
+    from PIL import Image
+
+    from dlpipe.training import plots
+
+    images = np.zeros((2, 3, 64, 64), np.uint8)
+    plain = np.asarray(Image.open(plots.annotated(images, ["a", "b"], tmp_path / "plain.png")).convert("RGB"))
+    boxed = np.asarray(Image.open(plots.annotated(images, ["a", "b"], tmp_path / "boxed.png",
+                                                  [[(5, 5, 30, 40, "cat 0.90")], []])).convert("RGB"))
+
+    def yellow(a):
+        return int(((a[..., 0] > 200) & (a[..., 1] > 200) & (a[..., 2] < 80)).sum())
+
+    assert yellow(plain) == 0 and yellow(boxed) > 200
+    # the box is in the left image's half of the picture, not the right one's
+    assert yellow(boxed[:, : boxed.shape[1] // 2]) == yellow(boxed)
+    logits = np.eye(3, dtype=np.float32)[[0, 2]] * 5
+    path = plots.predictions(np.random.default_rng(0).random((2, 1, 28, 28)), np.array([0, 1]), logits,
+                             ["zero", "one", "two"], tmp_path / "pred.png")
+    assert Image.open(path).size[0] > Image.open(path).size[1]  # a row of images

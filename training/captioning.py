@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from dlpipe.runtime.captioner import Vocabulary, beam_search
 from dlpipe.runtime.errors import DataNotFoundError, InputError, ModelFileError
-from dlpipe.training import distributed
+from dlpipe.training import distributed, plots
 from dlpipe.training.loop import Metric, TaskRun, run_supervised, split_indices
 from dlpipe.training.precision import Precision
 
@@ -361,6 +361,8 @@ def prepare(cfg, spec, options: CaptionOptions | None = None) -> TaskRun:
                                                                    sched, bar, precision),
         validate=lambda model: caption_scores(caption_images(model, val.images, vocabulary, max_len), val.references),
         test=test, examples=normalize(val.images[:n_examples]),
+        preview=lambda model, path: plots.annotated(
+            val.images[:4].numpy(), caption_images(model, val.images[:4], vocabulary, max_len), path),
         dataset={"name": cfg.dataset, "labels": [], "preprocessing": preprocessing(opts.image_size)},
         extra={"vocabulary": list(vocabulary.tokens),
                "decoding": {"beam": opts.beam, "max_len": max_len, "length_penalty": opts.length_penalty},

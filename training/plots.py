@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -293,3 +294,39 @@ def predictions(images: Any, truths: Any, outputs: Any, labels: Sequence[str], p
             axes[i].axis("off")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def annotated(images: Any, titles: Sequence[str], path: str | Path,
+              boxes: Sequence[Sequence[tuple[float, float, float, float, str]]] | None = None) -> Path:
+    """A row of uint8 ``N x C x H x W`` images, each with its title (a caption) and, when given, its boxes
+    (``x1, y1, x2, y2, text`` in the image's pixels): the detector's and captioner's sample pictures."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    images = np.asarray(images)
+    n = len(images)
+    fig = new_figure(2.2 * n, 2.6)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for i in range(n):
+        picture = images[i].transpose(1, 2, 0)
+        axes[i].imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", interpolation="nearest")
+        for x1, y1, x2, y2, text in (boxes[i] if boxes else ()):
+            axes[i].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="yellow", linewidth=1.2))
+            axes[i].text(x1, y1, text, fontsize=6, color="black", backgroundcolor="yellow", va="bottom")
+        axes[i].set_title("\n".join(_wrapped(titles[i], 28)) if i < len(titles) else "", fontsize=7)
+        axes[i].axis("off")
+    with warnings.catch_warnings():  # a label at a box's top edge reaches outside its axes
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` characters, broken between words (three lines at most)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:width])
+    return lines[:3]

@@ -13,8 +13,8 @@ import torch
 from dlpipe.runtime.errors import InputError, ModelFileError
 from dlpipe.runtime.predictors import Detector
 from dlpipe.training import data as datasets
-from dlpipe.training import report_plots
-from dlpipe.training.detection import (DetectionDataset, coco_metrics, detection_collate, evaluate, model_args_for,
+from dlpipe.training import plots, report_plots
+from dlpipe.training.detection import (DetectionDataset, coco_metrics, detect, detection_collate, evaluate, model_args_for,
                                        train_one_epoch)
 from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, seeded_loader, split_indices
 from dlpipe.training.precision import Precision
@@ -58,7 +58,16 @@ def prepare(cfg: TrainConfig, spec: ModelSpec) -> TaskRun:
                                                                               precision),
                    validate=lambda model: evaluate(model, val_x, val_targets, info.labels), test=test,
                    examples=val_x[:cfg.examples].float() / 255,
-                   dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()})
+                   dataset={"name": info.name, "labels": list(info.labels), "preprocessing": info.preprocessing()},
+                   preview=lambda model, path: preview(model, val_x[:6], info.labels, path))
+
+
+def preview(model, images: torch.Tensor, labels, path: Path, threshold: float = 0.5) -> None:
+    """``images`` (uint8 NCHW) with ``model``'s detections above ``threshold``, drawn to ``path``."""
+    found = detect(model, images)
+    boxes = [[(*map(float, box), f"{labels[int(k)] if int(k) < len(labels) else k} {s:.2f}")
+              for box, k, s in zip(d["boxes"], d["labels"], d["scores"]) if s >= threshold] for d in found]
+    plots.annotated(images.numpy(), [f"{len(b)} detections" for b in boxes], path, boxes)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
