@@ -529,6 +529,32 @@ def bench_cmd(models, checkpoint, batches, iters, warmup, threads, device, out, 
                      for key, value in (("p50_ms", s.p50_ms), ("items_per_s", s.throughput))})
 
 
+@cli.command("card")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--eval", "evaluations", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON written by `dlpipe evaluate --json` (or one report of --plots); repeatable. Each precision "
+                   "evaluated becomes a model-index result.")
+@click.option("--bench", "benches", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="JSON written by `dlpipe bench --out FILE` (or --json); repeatable.")
+@click.option("--license", "license_id", default=None,
+              help="Licence id from Hugging Face's list (apache-2.0, mit, ...). Default: other, and the card says "
+                   "the licence was not stated.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="The card's file (README.md), or - to print it.")
+@OVERWRITE
+@JSON
+def card_cmd(model, evaluations, benches, license_id, out, overwrite, as_json) -> None:
+    """A model card for MODEL (ONNX file, package folder or manifest) in the Hugging Face convention, from its
+    metadata and the JSON that evaluate and bench wrote."""
+    from dlpipe.apps.card import model_card, write_card
+
+    if out == "-":
+        click.echo(model_card(model, evaluations, benches, license=license_id), nl=False)
+        return
+    path = write_card(model, out, evaluations, benches, license=license_id, overwrite=overwrite)
+    emit({"card": str(path)}, as_json, f"wrote {path}")
+
+
 @cli.command("classify")
 @click.argument("model", type=click.Path())
 @click.argument("images", nargs=-1, required=True)

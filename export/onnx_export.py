@@ -232,7 +232,8 @@ def export_package(ckpt: dict[str, Any], graphs: list[Graph], out: str | Path, e
                                     "graphs": {g.part: f"{g.part}.onnx" for g in graphs},
                                     "preprocessing": ds["preprocessing"], "dataset": ds["name"],
                                     "metrics": dict(ckpt.get("metrics", {})), "opset": reports[0].opset,
-                                    "model_args": ckpt["model_args"], **extra, **manifest_extra})
+                                    "model_args": ckpt["model_args"], "training": meta["training"],
+                                    "versions": meta["versions"], **extra, **manifest_extra})
     axes = {k: v for r in reports for k, v in r.dynamic_axes.items()}
     return ExportReport(str(folder / MANIFEST), ckpt["model"], reports[0].opset, reports[0].exporter, axes,
                         [p for r in reports for p in r.parity], time.perf_counter() - start)

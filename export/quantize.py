@@ -705,6 +705,15 @@ def _record(path: Path, config: QuantizationConfig, kept: list[str], source: str
     return model
 
 
+def _record_gate(path: Path, gate: dict[str, Any]) -> None:
+    """Add the agreement gate the variant passed (measured, threshold, inputs) to its metadata (model cards)."""
+    model = onnx.load(str(path))
+    doc = read_metadata(model) or {}
+    doc.setdefault("quantization", {})["gate"] = gate
+    write_metadata(model, doc)
+    onnx.save(model, str(path))
+
+
 def _conv_counts(fp32_path: Path, variant: Path) -> dict[str, Any]:
     """The fp32 model's convolutions and how the variant's run in onnxruntime's optimized graph (QuantizeReport's
     ``convs``, ``integer_convs``, ``float_convs`` and ``conv_kernels``)."""
@@ -776,6 +785,9 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
                         if calib is not None else None, _what_was_done(conversion, convs, config))
         agreement, max_abs = policy.agreement(fp32, load(tmp, device="cpu"), checks)
         _gate(agreement, config, task, len(checks), conversion.search)
+        _record_gate(tmp, {"agreement": agreement, "agreement_name": policy.agreement_name,
+                           "min_agreement": config.min_agreement, "check_inputs": len(checks),
+                           "max_abs_diff": max_abs})
     return QuantizeReport(path=str(out), precision=config.precision,
                           method=config.method if config.precision == "int8" else None, agreement=agreement,
                           check_images=len(checks), max_abs_diff=max_abs,

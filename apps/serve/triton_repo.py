@@ -1,7 +1,8 @@
 """``dlpipe export-repo``: a model repository that NVIDIA Triton's onnxruntime backend (and KServe) loads as
 it is, and that ``dlpipe serve`` reads too: ``<out>/<name>/1/model.onnx`` (the dlpipe metadata stays inside
 the ONNX file), ``<out>/<name>/config.pbtxt`` (Triton's model configuration), ``<out>/<name>/config.json``
-(dlpipe's serving settings) and, for a classifier, ``<out>/<name>/labels.txt``.
+(dlpipe's serving settings), for a classifier ``<out>/<name>/labels.txt``, and for a dlpipe model its card,
+``<out>/<name>/README.md`` (apps/card.py).
 
 Triton's rules followed here: with ``max_batch_size > 0`` the dims leave out the batch axis, which the
 model must have as its dynamic first axis; a model without one (the detector) gets ``max_batch_size: 0``
@@ -27,6 +28,7 @@ TRITON_TYPES = {"tensor(bool)": "TYPE_BOOL", "tensor(uint8)": "TYPE_UINT8", "ten
 # task -> the index of the output whose last axis the labels name (Triton's classification extension)
 LABELLED_OUTPUT = {"classification": 0}
 LABELS_FILE = "labels.txt"
+CARD_FILE = "README.md"
 KINDS = {"cpu": "KIND_CPU", "cuda": "KIND_GPU"}
 ENUM_FIELDS = ("data_type", "kind")  # written bare in text format (TYPE_FP32, KIND_CPU), not quoted
 
@@ -93,6 +95,8 @@ def export_repository(models: list[str | Path], out: str | Path, settings: Model
         UsageError: an unknown device, a model named twice, or a model folder that exists (without ``overwrite``).
         ModelFileError: a file that is not a loadable ONNX model.
     """
+    from dlpipe.apps.card import model_card  # here: the server imports this module for model_config alone
+
     if device not in KINDS:
         raise UsageError(f"device must be one of {', '.join(KINDS)}, got {device!r}")
     names = [Path(m).stem for m in models]
@@ -117,6 +121,8 @@ def export_repository(models: list[str | Path], out: str | Path, settings: Model
                            "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": settings.instances,
                            "preferred_batch_size": list(settings.preferred_batch_size), "device": device}
         (folder / CONFIG_FILE).write_text(json.dumps(dlpipe_settings, indent=2) + "\n")
+        if engine.info is not None:  # the model card (issue 18), from the metadata of the file served
+            (folder / CARD_FILE).write_text(model_card(folder / "1" / MODEL_FILE))
         rows.append({"model": name, "folder": str(folder), "max_batch_size": dlpipe_settings["max_batch_size"],
                      "task": engine.info.task if engine.info else None})
     return rows
