@@ -861,8 +861,10 @@ def _task_table(tasks: list[dict]) -> str:
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True)
 @MAX_PIXELS
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="One JSON line per request.")
+@click.option("--ui/--no-ui", default=False, show_default=True,
+              help="Serve a web page at / to try the models in a browser (upload an image, see the task's answer).")
 def serve_cmd(sources, host, port, device, threads, instances, max_batch_size, preferred_batch_size,
-              max_queue_delay_ms, idle_run, max_queue, timeout_s, max_body_mb, max_pixels, access_log) -> None:
+              max_queue_delay_ms, idle_run, max_queue, timeout_s, max_body_mb, max_pixels, access_log, ui) -> None:
     """Serve SOURCES (ONNX files, model package folders or Triton-layout repositories) over the Open Inference
     Protocol (KServe v2), with task endpoints under /v1."""
     from dlpipe.apps.serve.app import ServerLimits
@@ -874,7 +876,7 @@ def serve_cmd(sources, host, port, device, threads, instances, max_batch_size, p
                              max_queue=max_queue, instances=instances, threads=threads, device=device,
                              timeout_s=timeout_s, idle_run=idle_run)
     limits = ServerLimits(max_body_bytes=int(max_body_mb * 2**20), max_pixels=max_pixels)
-    serve(list(sources), host, port, settings, limits, access_log=access_log)
+    serve(list(sources), host, port, settings, limits, access_log=access_log, ui=ui)
 
 
 @cli.command("export-repo")

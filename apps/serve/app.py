@@ -20,6 +20,7 @@ from dlpipe.apps.serve.metrics import CONTENT_TYPE, Metrics
 from dlpipe.apps.serve.repository import Repository, ServedModel
 from dlpipe.apps.serve.routes_v1 import add_task_routes
 from dlpipe.apps.serve.triton_repo import model_config
+from dlpipe.apps.serve.ui import add_ui_routes
 from dlpipe.runtime.errors import DlpipeError
 
 SERVER_NAME = "dlpipe"
@@ -247,8 +248,9 @@ async def _guarded(handle) -> Response:
         return error_response(exc.status, str(exc), exc.headers)
 
 
-def create_app(repository: Repository, limits: ServerLimits | None = None) -> FastAPI:
-    """The server as an ASGI application over ``repository`` (see :meth:`Repository.open`).
+def create_app(repository: Repository, limits: ServerLimits | None = None, ui: bool = False) -> FastAPI:
+    """The server as an ASGI application over ``repository`` (see :meth:`Repository.open`); ``ui`` adds the web
+    page at ``/`` with the model list and cards it reads (see :mod:`dlpipe.apps.serve.ui`).
 
     Batchers start with the application's lifespan and, at its end, finish what is queued (at most
     ``limits.shutdown_wait_s``) before the workers stop.
@@ -269,6 +271,8 @@ def create_app(repository: Repository, limits: ServerLimits | None = None) -> Fa
     app.state.server = server
     _add_v2_routes(app, server)
     add_task_routes(app, server, _counted)
+    if ui:
+        add_ui_routes(app, server)
     app.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES)  # only for clients that accept gzip
     app.add_middleware(AccessLog)
     return app

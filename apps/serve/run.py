@@ -35,12 +35,13 @@ def _server_class():
 
 
 def serve(sources: list[str], host: str, port: int, settings: ModelSettings, limits: ServerLimits,
-          access_log: bool = True) -> None:
-    """Load the models under ``sources`` and serve them until SIGINT or SIGTERM."""
+          access_log: bool = True, ui: bool = False) -> None:
+    """Load the models under ``sources`` and serve them until SIGINT or SIGTERM (``ui``: with the web page at
+    ``/``)."""
     import uvicorn
 
     repository = Repository.open(sources, settings)
-    app = create_app(repository, limits)
+    app = create_app(repository, limits, ui=ui)
     handler = logging.StreamHandler(sys.stderr)
     access = logging.getLogger("dlpipe.serve.access")
     access.addHandler(handler)
@@ -56,6 +57,10 @@ def serve(sources: list[str], host: str, port: int, settings: ModelSettings, lim
               f", {m.engine.device}, {m.settings.instances} instance(s), {kind}) from '{m.path}'", flush=True)
     print(f"dlpipe serve: listening on http://{host}:{port} (Open Inference Protocol under /v2, "
           f"task endpoints under /v1, metrics at /metrics); Ctrl-C stops", flush=True)
+    if ui:
+        page = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where a browser on this machine finds it
+        page = f"[{page}]" if ":" in page else page
+        print(f"dlpipe serve: web page at http://{page}:{port}/", flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=limits.shutdown_wait_s, lifespan="on")
     _server_class()(config).run()
