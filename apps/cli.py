@@ -197,7 +197,9 @@ def _quiet_distributed(opts: dict) -> None:
               help="A keyword argument for the model's builder, VALUE as JSON (e.g. widths=[32,64,96,128,192]); "
                    "repeatable.")
 @click.option("--schedule", default=None, help="none, step, cosine or onecycle (default: the recipe's).")
-@click.option("--augment", default=None, help="none, shift, affine, crop or flip (default: the recipe's).")
+@click.option("--augment", default=None,
+              help="none, shift, affine, affine+erase (random erasing too), elastic (elastic distortion), crop or "
+                   "flip (default: the recipe's).")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Classifiers: cross-entropy label smoothing (default: the recipe's).")
 @click.option("--recipe", default="default", show_default=True,
@@ -272,7 +274,7 @@ def train_cmd(model, as_json, no_progress, **opts) -> None:
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--schedule", default="cosine", show_default=True, help="none, step or cosine (per stage).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--augment", default="none", show_default=True, help="none, shift, affine, crop or flip.")
+@click.option("--augment", default="none", show_default=True, help="none, shift, affine, affine+erase, elastic, crop or flip.")
 @click.option("--image-size", type=click.IntRange(min=8), default=None, help="Input size for torchvision sources (default: 224).")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Held out from each class.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Registered datasets: first N test images only.")

@@ -202,18 +202,25 @@ def normalize(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
-AUGMENTATIONS = ("none", "shift", "affine", "crop", "flip")
+AUGMENTATIONS = ("none", "shift", "affine", "affine+erase", "elastic", "crop", "flip")
 
 
 def augmentation(name: str, image_size: tuple[int, int]) -> v2.Transform | None:
-    """Per-image augmentation by name: random shift, shift+rotation+scale, padded random crop, or
-    horizontal flip."""
+    """Per-image augmentation by name: random shift, shift+rotation+scale (``affine``), that and random
+    erasing of a patch half the time (``affine+erase``, Zhong et al. 2017), elastic distortion with a
+    small affine (``elastic``, Simard et al. 2003), padded random crop, or horizontal flip."""
     if name == "none":
         return None
     if name == "shift":
         return v2.RandomAffine(degrees=0, translate=(0.1, 0.1))
     if name == "affine":
         return v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    if name == "affine+erase":
+        return v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+                           v2.RandomErasing(p=0.5, scale=(0.02, 0.12), ratio=(0.3, 3.3), value=0)])
+    if name == "elastic":
+        return v2.Compose([v2.RandomApply([v2.ElasticTransform(alpha=34.0, sigma=4.0)], p=0.5),
+                           v2.RandomAffine(degrees=8, translate=(0.08, 0.08), scale=(0.92, 1.08))])
     if name == "crop":
         return v2.RandomCrop(image_size, padding=2)
     if name == "flip":

@@ -168,7 +168,8 @@ QUICK = {"quick": {"epochs": 2}}  # a smoke run
 DEEP_CONVNET_RECIPE = TrainRecipe(optimizer="adam", lr=1e-3, epochs=20, batch_size=128, schedule="cosine",
                                   augment="affine", init="he", benchmark="bench/mnist_accuracy.py",
                                   variants={"quick": {"epochs": 2, "augment": "none"},
-                                            "long": {"epochs": 40, "label_smoothing": 0.1}})
+                                            "long": {"epochs": 40, "label_smoothing": 0.1},
+                                            "erase": {"augment": "affine+erase", "label_smoothing": 0.1}})
 
 for _name, _builder, _recipe, _description in [
     ("dmlp", dmlp, TrainRecipe(optimizer="adam", lr=1e-3, epochs=10, variants=QUICK),
