@@ -130,8 +130,12 @@ def test_augmentations_keep_shape_and_dtype(augment):
     images, labels = datasets.load_split("shapes", "train", limit=8)
     ds = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(labels), info,
                                      datasets.augmentation(augment, info.image_size))
+    torch.manual_seed(0)
     x, y = ds.__getitems__(list(range(8)))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (8,)
+    plain, _ = datasets.ImageTensorDataset(datasets.to_nchw(images), torch.from_numpy(labels), info
+                                           ).__getitems__(list(range(8)))
+    assert torch.equal(x, plain) == (augment == "none")  # an augmentation changes the images, none does not
 
 
 def test_missing_data_says_where_it_looked(tmp_path):
