@@ -145,14 +145,11 @@ def test_the_page_lists_the_served_models(visit, server):
     assert _texts(v.page, "#model option") == ["boxes (detection)", "fcn (segmentation)", "shapes (classification)"]
     assert "task detection" in v.page.inner_text("#model-info")
     assert v.page.is_visible("#files") and v.page.is_visible("label[for='files']")
-    # the card: the Markdown the API answers, or its error where cards cannot be made
+    # the card: the Markdown the API answers, shown as it is
     card = httpx.get(f"{server.url}/v1/models/boxes/card", timeout=30)
+    assert card.status_code == 200 and card.text.startswith("---\n") and "pipeline_tag: object-detection" in card.text
     v.open_card()
-    if card.status_code == 200:
-        assert v.page.text_content("#card-text") == card.text and v.page.text_content("#card-status") == ""
-    else:
-        assert card.status_code in (404, 500, 501) and card.json()["error"]
-        assert v.page.text_content("#card-status") == card.json()["error"]
+    assert v.page.text_content("#card-text") == card.text and v.page.text_content("#card-status") == ""
     assert httpx.get(f"{server.url}/v1/models/nope/card", timeout=10).status_code == 404
     assert v.errors == []
 
