@@ -300,3 +300,42 @@ def test_the_model_card_shows_as_plain_text(visit, server, monkeypatch):
     assert v.page.text_content("#card-status") == answer.json()["error"]
     assert v.page.text_content("#card-text") == ""
     assert v.errors == []
+
+
+@pytest.fixture(scope="module")
+def generator_server(tmp_path_factory, data_dir, mnist_checkpoint):
+    """A tiny class-conditional DCGAN (one short epoch; its digits are poor but real) and an unconditional
+    classifier, served with the page."""
+    from dlpipe.export.onnx_export import export_checkpoint
+    from dlpipe.training import gan
+
+    out = tmp_path_factory.mktemp("ui_gan")
+    run = gan.train(gan.GANConfig(model="cdcgan", classifier=mnist_checkpoint, data_dir=data_dir, out=str(out),
+                                  limit=200, epochs=1, batch_size=32, quality_samples=50, grid=16,
+                                  model_args={"latent_size": 16, "width": 8}, progress=False, threads=1))
+    (out / "repo" / "digits" / "1").mkdir(parents=True)
+    export_checkpoint(run["best"], out / "repo" / "digits" / "1" / "model.onnx")
+    app = create_app(Repository.open([out / "repo"], ModelSettings(device="cpu")), ui=True)
+    with ServerThread(app) as running:
+        yield running
+
+
+def test_a_conditional_generator_asks_for_a_class_and_shows_the_apis_grid(browser, generator_server):
+    listed = httpx.get(f"{generator_server.url}/v1/models", timeout=10).json()["models"]
+    assert [(m["name"], m["request"], m["conditional"]) for m in listed] == [("digits", "none", True)]
+    v = Visit(browser, generator_server.url)
+    try:
+        assert v.page.input_value("#option-class") == listed[0]["labels"][0]  # a class is filled in
+        v.page.fill("#option-n", "6")
+        v.page.fill("#option-seed", "3")
+        v.page.fill("#option-class", "7")
+        v.page.click("#submit")
+        v.page.wait_for_function("() => document.getElementById('latency').textContent.startsWith('Round trip')")
+        shown = v.page.get_attribute(".result img", "src")
+        answer = httpx.post(f"{generator_server.url}/v1/models/digits/predict",
+                            params={"n": 6, "seed": 3, "class": "7", "columns": 8}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert shown == "data:image/png;base64," + answer.json()["results"][0]["grid_png"]
+        assert v.page.is_hidden("#alert") and v.errors == []
+    finally:
+        v.page.close()

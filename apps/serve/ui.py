@@ -40,7 +40,8 @@ def model_summary(model: ServedModel, versions: list[str]) -> dict:
         ``name``, ``versions``, ``version``, ``task`` (None for a raw ONNX file), ``request`` (what its task
         endpoint takes: ``images``, ``observations``, ``none``; None without one), ``package``, ``labels`` (the
         first :data:`LABELS_SHOWN`), ``label_count``, ``input_size`` ([height, width]), ``color``,
-        ``precision`` and ``inputs`` (the OIP tensor metadata; empty for a package).
+        ``precision``, ``inputs`` (the OIP tensor metadata; empty for a package) and ``conditional`` (whether a
+        generator takes a class).
     """
     info = model.predictor.info if model.predictor is not None else None
     endpoint = TASK_ENDPOINTS.get(model.task) if model.task else None
@@ -51,7 +52,8 @@ def model_summary(model: ServedModel, versions: list[str]) -> dict:
             "labels": labels[:LABELS_SHOWN], "label_count": len(labels),
             "input_size": list(info.preprocessing.size) if info is not None else None,
             "color": info.preprocessing.color if info is not None else None,
-            "precision": info.precision if info is not None else None, "inputs": inputs}
+            "precision": info.precision if info is not None else None, "inputs": inputs,
+            "conditional": bool(getattr(model.predictor, "conditional", False))}
 
 
 def card_markdown(model: ServedModel) -> Response:

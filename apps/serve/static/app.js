@@ -134,7 +134,7 @@ const TASKS = {
     options: [
       { name: "n", label: "Images", type: "number", value: 16, min: 1, max: 256 },
       { name: "seed", label: "Seed", type: "number", value: 0, min: 0 },
-      { name: "class", label: "Class (conditional models)", type: "text", value: "", list: true },
+      { name: "class", label: "Class", type: "text", value: "", list: true, conditional: true },
       { name: "columns", label: "Columns", type: "number", value: 8, min: 1, max: 256 },
     ],
     render(row) {
@@ -236,8 +236,10 @@ function buildOptions(model) {
   const box = $("options");
   box.replaceChildren();
   for (const option of spec) {
+    if (option.conditional && !model.conditional) continue; // a class only for a class-conditional generator
     const id = `option-${option.name}`;
-    const input = el("input", { id, name: option.name, type: option.type, value: option.value });
+    const value = option.conditional && model.labels.length ? model.labels[0] : option.value;
+    const input = el("input", { id, name: option.name, type: option.type, value });
     for (const key of ["min", "max", "step"]) if (option[key] !== undefined) input.setAttribute(key, option[key]);
     if (option.type === "number") input.setAttribute("inputmode", "decimal");
     const field = el("div", { className: "field" }, [el("label", { for: id, text: option.label }), input]);
