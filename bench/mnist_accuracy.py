@@ -7,6 +7,7 @@ points and int8 within 0.1 points of fp32 (mean over seeds). The JSON is rewritt
 
     python bench/mnist_accuracy.py --data-dir ../shared/data --seeds 0,1,2 --threads 1   # ~10 min a seed
     python bench/mnist_accuracy.py --checkpoint runs/bench_mnist/s0/train/best.pt
+    python bench/mnist_accuracy.py --recipe long --merge s0.json s1.json s2.json   # seeds run side by side
 """
 
 from __future__ import annotations
@@ -112,9 +113,21 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (not the default command)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training")
     p.add_argument("--json", default=None, help="result file (default bench/results/mnist_accuracy.json)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="combine the runs of these result files (one seed each, run side by side) into --json")
     args = p.parse_args()
     recipe = get_spec(MODEL).recipe_for(DATASET, args.recipe) | ({"epochs": args.epochs} if args.epochs else {})
     runs: list[dict[str, Any]] = []
+    if args.merge:
+        import json
+
+        docs = [json.loads(Path(f).read_text()) for f in args.merge]
+        if any(d["recipe"] != recipe or d["recipe_name"] != args.recipe for d in docs):
+            sys.exit(f"mnist_accuracy: the files do not all hold the {args.recipe!r} recipe: {args.merge}")
+        args.threads = docs[0]["threads"]
+        runs = sorted((r | {"command": d["command"]} for d in docs for r in d["runs"]), key=lambda r: r["seed"])
+        report(runs, args, recipe)
+        return
     if args.checkpoint:
         from dlpipe.training.checkpoint import load_checkpoint
 
