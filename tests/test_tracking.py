@@ -87,8 +87,12 @@ def test_mlflow_run_holds_the_model_life_from_training_to_latency(tmp_path, monk
     exported = _invoke(["export", str(out / "best.pt"), "--out", str(model), *attach])
     assert f"logged to mlflow run {run_id}" in exported.stderr
     evaluated = _json_list(_invoke(["evaluate", str(model), "--limit", "200", "--json", *attach]))
+    timed = _json_list(_invoke(["bench", str(model), "--batch", "1", "--iters", "3", "--warmup", "1", "--json",
+                                *attach]))
     run = client.get_run(run_id)
     assert run.data.metrics["eval_fp32_accuracy"] == pytest.approx(evaluated[0]["accuracy"])
+    assert run.data.metrics["bench/m.onnx_fp32/b1/p50_ms"] == pytest.approx(timed[0]["p50_ms"])  # the latency table
+    assert {"export.json", "evaluate", "bench"} <= {a.path for a in client.list_artifacts(run_id)}
     mlflow.set_tracking_uri(uri)
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert [m.source_run_id for m in logged] == [run_id]
