@@ -69,13 +69,16 @@ DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False), default=
                         help="Data root (default: $DLPIPE_DATA_DIR, else ~/.cache/dlpipe/data).")
 
 
+TRACKING_URI = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+                            help="--log mlflow: the tracking server or store (default: $MLFLOW_TRACKING_URI, else "
+                                 "MLflow's own, sqlite:///mlflow.db in the working folder).")
+
+
 def TRACKED(command):
     """``--log``, ``--tracking-uri`` and ``--experiment`` of the training commands (issue 18)."""
     command = click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="dlpipe", show_default=True,
                            help="--log mlflow: the experiment the run goes in.")(command)
-    command = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-                           help="--log mlflow: the tracking server or store (default: $MLFLOW_TRACKING_URI, else "
-                                "MLflow's own, sqlite:///mlflow.db in the working folder).")(command)
+    command = TRACKING_URI(command)
     return click.option("--log", type=click.Choice(["none", "tensorboard", "mlflow"]), envvar="DLPIPE_LOG",
                         default="none", show_default=True,
                         help="Track the run (or $DLPIPE_LOG): TensorBoard event files under --out/tensorboard, or an "
@@ -88,9 +91,7 @@ def ATTACHED(command):
     training's MLflow run (issue 18)."""
     command = click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default="dlpipe", show_default=True,
                            help="--log mlflow without --run-id: the experiment of the new run.")(command)
-    command = click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-                           help="--log mlflow: the tracking server or store (default: $MLFLOW_TRACKING_URI, else "
-                                "MLflow's own, sqlite:///mlflow.db in the working folder).")(command)
+    command = TRACKING_URI(command)
     command = click.option("--run-id", default=None,
                            help="The MLflow run to add to (the training run's id, printed by train --log mlflow); "
                                 "implies --log mlflow.")(command)

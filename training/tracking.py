@@ -68,6 +68,11 @@ def _flat(config: dict[str, Any]) -> dict[str, str | int | float | bool]:
     return out
 
 
+def _final(summary: dict[str, Any] | None) -> dict[str, float]:
+    """A run's final figures from its summary: the ``test_*`` ones and the best validation score."""
+    return {k: v for k, v in _numbers(summary or {}).items() if k.startswith("test_") or k == "best_val_score"}
+
+
 def scalar_tag(key: str) -> str:
     """A ``metrics.jsonl`` key as a TensorBoard tag, grouped by split: ``val_acc`` -> ``val/acc``,
     ``test_loss`` -> ``test/loss``, ``train_loss`` -> ``train/loss``, ``lr`` -> ``train/lr``."""
@@ -136,7 +141,7 @@ class TensorBoardTracker(Tracker):
             self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
 
     def close(self, summary: dict[str, Any] | None, out: Path | None, status: str) -> None:
-        final = {k: v for k, v in _numbers(summary or {}).items() if k.startswith("test_") or k == "best_val_score"}
+        final = _final(summary)
         for key, value in final.items():
             self.writer.add_scalar(scalar_tag(key), value, self.step)
         if out is not None and (out / "curves.png").is_file():
@@ -196,7 +201,7 @@ class MlflowTracker(Tracker):
         self.client.log_artifact(self.run_id, str(path), artifact_path=f"images/{tag}")
 
     def close(self, summary: dict[str, Any] | None, out: Path | None, status: str) -> None:
-        final = {k: v for k, v in _numbers(summary or {}).items() if k.startswith("test_") or k == "best_val_score"}
+        final = _final(summary)
         if final:
             self._metrics(final, 0)
         if out is not None:
