@@ -83,7 +83,9 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
     """Latency of each ONNX model (and PyTorch eager from ``checkpoint``) at each batch size, interleaved.
 
     The ONNX runners call ``Engine.run`` (the runtime's path, input checks included) on the same
-    random inputs that PyTorch eager gets; ``threads`` applies to both. Each batch size is timed in
+    random inputs that PyTorch eager gets; ``threads`` applies to both. On CUDA each model is also timed
+    through IO binding with its inputs and outputs in the GPU's memory (``[..., io-binding]``): the gap to
+    the plain row is what the host-device copies cost. Each batch size is timed in
     ``rounds`` round-robin blocks with rests between them, and timed again (up to ``attempts`` passes in
     all) while some runner's spread is too wide to trust (``dlpipe.runtime.benchmark.SPREAD_LIMIT``); each
     result carries its spread and that flag.
@@ -108,8 +110,11 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
         for name, engine in engines.items():
             feeds = random_input(engine, batch)
             reference = reference or feeds
-            runners[f"{Path(name).name} [{engine.info.precision if engine.info else 'onnx'}]"] = (
-                lambda e=engine, f=feeds: e.run(f))
+            label = f"{Path(name).name} [{engine.info.precision if engine.info else 'onnx'}"
+            runners[f"{label}]"] = lambda e=engine, f=feeds: e.run(f)
+            if engine.device == "cuda":  # the same model with inputs and outputs left in the GPU's memory
+                on_gpu = {k: engine.to_device(v) for k, v in feeds.items()}
+                runners[f"{label}, io-binding]"] = lambda e=engine, f=on_gpu: e.run_bound(f, on_device=True)
         if module is not None:
             if reference is None:
                 ckpt = load_checkpoint(checkpoint)

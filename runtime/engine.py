@@ -2,11 +2,20 @@
 
 ``device="auto"`` takes CUDA only when a CUDA session is actually created (onnxruntime otherwise
 falls back to the CPU quietly, or loudly, by itself); ``device="cuda"`` that cannot run is an
-error, never a silent fallback. :attr:`Engine.providers` says what is really in use.
+error, never a silent fallback. :attr:`Engine.providers` says what is really in use. When the CUDA provider
+cannot start because CUDA/cuDNN are not on the library path, the engine asks onnxruntime to load them from
+the ``nvidia-*`` pip packages (``onnxruntime.preload_dlls``, what a ``pip install torch`` brings) and tries once more.
+
+:meth:`Engine.run` takes and returns numpy arrays. :meth:`Engine.run_bound` runs through onnxruntime's IO
+binding: inputs copied to the device once with :meth:`Engine.to_device` stay there between calls, and outputs
+can stay on the device (``on_device=True``) for the next model or a later copy, so a GPU pays for the
+host-device copies only where the caller needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import threading
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -24,11 +33,16 @@ GRAPH_OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+_CPU_PROVIDERS = ["CPUExecutionProvider"]
+
+
+def _cuda_providers(tf32: bool) -> list:
+    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"}), "CPUExecutionProvider"]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
               "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
 _probe_lock = threading.Lock()
+_preloaded = False
 # What InferenceSession.run raises for a graph that cannot run on the inputs it was given (a size too small
 # for a kernel or a resize, a shape its reshape cannot take): pybind exceptions that derive from Exception only.
 _RUN_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
@@ -41,11 +55,27 @@ def available_devices() -> list[str]:
     return ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in ort.get_available_providers() else [])
 
 
-def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _session(path: Path, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises several pybind exception types
         raise ModelFileError(f"'{path}' is not a loadable ONNX model: {_first_line(exc)}") from None
+
+
+def _preload_cuda_libraries() -> bool:
+    """Have onnxruntime load CUDA/cuDNN from the nvidia pip packages, once per process; False when there
+    is nothing new to try. Its messages about libraries it cannot find are dropped: the caller's own error
+    says what failed."""
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return False
+    _preloaded = True
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ort.preload_dlls()
+        except Exception:  # a broken or partial CUDA install: the retry below fails the same way  # noqa: BLE001
+            return False
+    return True
 
 
 def _first_line(exc: Exception) -> str:
@@ -65,6 +95,11 @@ class Engine:
         graph_optimization: ``disable``, ``basic``, ``extended`` or ``all``.
         spinning: let idle intra-op threads spin-wait for the next run (onnxruntime's default; fastest when
             the session has the cores to itself). A server turns it off: its event loop needs those cores.
+        tf32: CUDA only: float32 convolutions and matrix products on TF32 tensor cores (10-bit mantissa), as
+            onnxruntime and PyTorch's cuDNN do by default. ``False`` gives the CPU provider's float32 answers
+            (ImageNet MobileNetV2's logits on an H200: max |diff| 1e-5 instead of 1e-2) at up to 1.2x the time
+            at batch 32-128 (bench/results/gpu.json); cuDNN's frontend then logs "No execution plans support
+            the graph" while it falls back to its older API, which does not change the answers.
 
     Raises:
         ModelFileError: missing or unreadable file.
@@ -72,8 +107,9 @@ class Engine:
     """
 
     def __init__(self, path: str | Path, device: str = "auto", threads: int | None = None,
-                 graph_optimization: str = "all", spinning: bool = True):
+                 graph_optimization: str = "all", spinning: bool = True, tf32: bool = True):
         self.path = Path(path)
+        self.tf32 = tf32
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
         if graph_optimization not in GRAPH_OPTIMIZATION:
@@ -108,14 +144,16 @@ class Engine:
             if device == "cuda":
                 raise DeviceUnavailableError("device 'cuda' asked for, but this onnxruntime build has no CUDA "
                                              "provider (install onnxruntime-gpu)")
-            return _session(self.path, options, _PROVIDERS["cpu"])
+            return _session(self.path, options, _CPU_PROVIDERS)
         # Try CUDA with onnxruntime's logging silenced: a machine without a GPU or CUDA libraries
         # otherwise prints a screen of errors before onnxruntime carries on with the CPU.
         with _probe_lock:
             options.log_severity_level = 4
             ort.set_default_logger_severity(4)
             try:
-                session = _session(self.path, options, _PROVIDERS["cuda"])
+                session = _session(self.path, options, _cuda_providers(self.tf32))
+                if session.get_providers()[0] != "CUDAExecutionProvider" and _preload_cuda_libraries():
+                    session = _session(self.path, options, _cuda_providers(self.tf32))
             finally:
                 ort.set_default_logger_severity(2)
                 options.log_severity_level = 2
@@ -135,14 +173,31 @@ class Engine:
         """Run the model.
 
         Args:
-            feeds: One array for a single-input model, or ``{input name: array}``.
+            feeds: One array for a single-input model, or ``{input name: array}`` (``OrtValue`` s from
+                :meth:`to_device` go through :meth:`run_bound`).
             outputs: Output names to fetch (all when None).
 
         Raises:
             InputError: wrong input names, rank, fixed dimension or dtype, unknown output names, or inputs the
                 graph cannot run on (e.g. an image too small for its kernels).
         """
-        if isinstance(feeds, np.ndarray):
+        if isinstance(feeds, ort.OrtValue) or (isinstance(feeds, Mapping) and any(
+                isinstance(v, ort.OrtValue) for v in feeds.values())):
+            return self.run_bound(feeds, outputs)  # inputs already on the device go through IO binding
+        feeds = self._checked(feeds)
+        wanted = list(outputs) if outputs else None
+        unknown = [o for o in wanted or () if o not in self.output_names]
+        if unknown:
+            raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        try:
+            return self.session.run(wanted, feeds, self._run_options)
+        except _RUN_ERRORS as exc:
+            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
+            raise InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}") from None
+
+    def _checked(self, feeds) -> Mapping[str, np.ndarray | ort.OrtValue]:
+        """``feeds`` as ``{input name: array}``, checked against the inputs' names, dtypes, ranks and fixed sizes."""
+        if isinstance(feeds, (np.ndarray, ort.OrtValue)):
             if len(self._contract) != 1:
                 raise InputError(f"'{self.path}' takes inputs {self.input_names}; pass a dict")
             feeds = {self._contract[0][0]: feeds}
@@ -155,23 +210,65 @@ class Engine:
             arr = feeds.get(name)
             if arr is None:
                 raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(map(str, feeds))}")
-            if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
-                got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__
-                raise InputError(f"input '{name}' of '{self.path}' must be a {dtype} array, got {got}")
-            shape = arr.shape
+            if isinstance(arr, ort.OrtValue):
+                got_dtype = np.dtype(_ORT_TYPES[arr.data_type()]) if arr.data_type() in _ORT_TYPES else arr.data_type()
+                shape = tuple(arr.shape())
+            elif isinstance(arr, np.ndarray):
+                got_dtype, shape = arr.dtype, arr.shape
+            else:
+                raise InputError(f"input '{name}' of '{self.path}' must be a {dtype} array, got {type(arr).__name__}")
+            if got_dtype != dtype:
+                raise InputError(f"input '{name}' of '{self.path}' must be a {dtype} array, got {got_dtype}")
             if len(shape) != rank or any(shape[a] != d for a, d in fixed):
                 want = [d if isinstance(d, int) else str(d) for d in self.session.get_inputs()[
                     self.input_names.index(name)].shape]
                 raise InputError(f"input '{name}' of '{self.path}' must have shape {want}, got {list(shape)}")
-        wanted = list(outputs) if outputs else None
-        unknown = [o for o in wanted or () if o not in self.output_names]
+        return feeds
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        """A copy of ``array`` in the memory of the engine's device (the GPU's under CUDA), for
+        :meth:`run_bound` to read call after call without copying it again."""
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"to_device takes a numpy array, got {type(array).__name__}")
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
+    def run_bound(self, feeds: np.ndarray | ort.OrtValue | Mapping[str, np.ndarray | ort.OrtValue],
+                  outputs: Sequence[str] | None = None, on_device: bool = False) -> list[np.ndarray] | list[ort.OrtValue]:
+        """Run the model through onnxruntime's IO binding.
+
+        Args:
+            feeds: Like :meth:`run`'s, where each input may also be an ``OrtValue`` already on the device
+                (:meth:`to_device`); numpy inputs are copied to the device for this call.
+            outputs: Output names to fetch (all when None).
+            on_device: Leave the outputs in the device's memory and return them as ``OrtValue`` s (``.numpy()``
+                copies one back); the device has finished computing them when this returns. Otherwise
+                numpy arrays, as :meth:`run` returns.
+
+        Raises:
+            InputError: as :meth:`run`.
+        """
+        feeds = self._checked(feeds)
+        wanted = list(outputs) if outputs else self.output_names
+        unknown = [o for o in wanted if o not in self.output_names]
         if unknown:
             raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in wanted:
+            binding.bind_output(name, self.device if on_device else "cpu")
         try:
-            return self.session.run(wanted, feeds, self._run_options)
+            self.session.run_with_iobinding(binding, self._run_options)
         except _RUN_ERRORS as exc:
-            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
+            shapes = {name: list(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for name, v in feeds.items()}
             raise InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}") from None
+        if on_device:
+            binding.synchronize_outputs()
+            return binding.get_outputs()
+        return binding.copy_outputs_to_cpu()
 
     def __repr__(self) -> str:
         return f"Engine('{self.path}', providers={self.providers})"

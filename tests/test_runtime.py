@@ -167,6 +167,28 @@ def test_engine_checks_raw_inputs(shapes_onnx):
         e.run({"x": np.zeros((1, 3, 32, 32), np.float32)})
 
 
+def test_io_binding_gives_run_s_outputs_and_can_leave_them_on_the_device(shapes_onnx):
+    engine = Engine(shapes_onnx, device="cpu")
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (expected,) = engine.run(x)
+    (bound,) = engine.run_bound(x)
+    np.testing.assert_allclose(bound, expected, rtol=1e-5, atol=1e-5)
+    resident = engine.to_device(x)  # copied once, read by every later call
+    for _ in range(2):
+        (out,) = engine.run_bound({engine.input_names[0]: resident}, on_device=True)
+        assert out.device_name().lower() == engine.device and out.shape() == list(expected.shape)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(engine.run(resident)[0], expected, rtol=1e-5, atol=1e-5)  # run() takes it too
+    with pytest.raises(InputError, match="float32"):
+        engine.run_bound(engine.to_device(x.astype(np.float64)))
+    with pytest.raises(InputError, match="shape"):
+        engine.run_bound(engine.to_device(x[:, :1]))
+    with pytest.raises(InputError, match="outputs"):
+        engine.run_bound(resident, outputs=["nope"])
+    with pytest.raises(InputError, match="numpy array"):
+        engine.to_device([1, 2, 3])
+
+
 def test_onnx_without_dlpipe_metadata_runs_raw_but_does_not_load(shapes_onnx, tmp_path):
     model = onnx.load(shapes_onnx)
     del model.metadata_props[:]
