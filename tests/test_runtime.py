@@ -94,7 +94,9 @@ def test_predict_accepts_paths_pil_and_arrays_of_any_size_and_mode(shapes_onnx, 
 
 def test_batched_predict_equals_one_by_one(shapes_onnx):
     images, _ = load_split("shapes", "test", limit=10)
-    clf = load(shapes_onnx)
+    # The CPU provider: on a GPU, TF32 convolutions (onnxruntime's default) differ by ~1e-3 between batch
+    # compositions (bench/results/gpu.json); tests/test_cuda.py checks the GPU with its own tolerance.
+    clf = load(shapes_onnx, device="cpu")
     batch = clf.logits(images, batch_size=4)
     single = np.concatenate([clf.logits(img) for img in images])
     np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
@@ -102,7 +104,7 @@ def test_batched_predict_equals_one_by_one(shapes_onnx):
 
 def test_predict_from_several_threads(shapes_onnx):
     images, _ = load_split("shapes", "test", limit=32)
-    clf = load(shapes_onnx)
+    clf = load(shapes_onnx, device="cpu")  # exact equality, as above
     expected = clf.logits(images)
     results, errors = {}, []
 
