@@ -159,3 +159,17 @@ def test_models_command_lists_recipes_and_shows_one_models_recipes_as_train_reso
         assert shown[name]["epochs"] == resolved.epochs and shown[name]["augment"] == resolved.augment
     bad = CliRunner().invoke(cli, ["models", "no-such-model"])
     assert bad.exit_code != 0 and "unknown model 'no-such-model'" in bad.output
+
+
+def test_defaults_bench_reads_the_readme_claims_and_flags_gaps():
+    module = _bench("defaults")
+    claim, text = module.readme_claim("deep_convnet", "mnist", "acc")
+    assert claim == _bench("mnist_accuracy").README_CLAIM and "%" in text
+    assert module.readme_claim("rcnn", "shapes-boxes", "map50")[0] == pytest.approx(0.909)
+    below = module.row("deep_convnet", "mnist", "acc", {"mean": claim - 0.0002, "std": 0.0, "seeds": 1}, "test")
+    same = module.row("deep_convnet", "mnist", "acc", {"mean": claim + 0.00004, "std": 0.0, "seeds": 1}, "test")
+    assert below["gap"] is True and same["gap"] is False
+    assert module.row("deep_convnet", "fashion-mnist", "acc", {"mean": 0.9, "std": 0.0, "seeds": 1}, "t")["gap"] is None
+    for r in module.collected():  # every collected benchmark trained with what the plain command trains now
+        assert r["recipe_is_registry_default"] in (True, None), (r["model"], r["recipe_differences"])
+        assert r["gap"] is False, r
