@@ -125,6 +125,27 @@ def test_export_repository_writes_the_card(tiny, tmp_path):
     assert not (tmp_path / "repo" / "raw" / "README.md").exists()  # no metadata, nothing to write a card from
 
 
+def test_export_repository_overwrite_replaces_whole_folders_and_a_failure_writes_nothing(tiny, tmp_path):
+    from dlpipe.apps.serve.repository import ModelSettings
+    from dlpipe.apps.serve.triton_repo import export_repository
+    from dlpipe.runtime.errors import ModelFileError
+
+    repo = tmp_path / "repo"
+    export_repository([tiny], repo, ModelSettings())
+    assert {"README.md", "labels.txt"} <= {p.name for p in (repo / "tiny").iterdir()}
+    (tmp_path / "other").mkdir()
+    raw = _tiny_classifier(tmp_path / "other" / "tiny.onnx", metadata=False)  # same name, no labels, no card
+    export_repository([raw], repo, ModelSettings(), overwrite=True)
+    assert sorted(p.name for p in (repo / "tiny").iterdir()) == ["1", "config.json", "config.pbtxt"]
+    before = {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()}
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    with pytest.raises(ModelFileError, match="broken.onnx"):
+        export_repository([tiny, broken], repo, ModelSettings(), overwrite=True)
+    assert {p: p.read_bytes() for p in repo.rglob("*") if p.is_file()} == before  # nothing half-written
+    assert sorted(p.name for p in repo.iterdir()) == ["tiny"]  # no hidden staging folders left
+
+
 @pytest.fixture(scope="module")
 def family(shapes_onnx, tmp_path_factory) -> dict:
     """The shapes classifier with its fp16 variant beside it, and the JSON of evaluate (fp32 and fp16) and bench."""

@@ -163,7 +163,8 @@ def discover(sources: list[str | Path]) -> list[tuple[str, str, Path, Path | Non
         elif (source / MANIFEST).is_file():  # one model package
             found.append((source.name, "1", source, None))
         elif source.is_dir():
-            models = [(f, _versions(f)) for f in sorted(source.iterdir()) if f.is_dir()]
+            models = [(f, _versions(f)) for f in sorted(source.iterdir())
+                      if f.is_dir() and not f.name.startswith(".")]  # hidden: export-repo's staging folders
             models = [(f, versions) for f, versions in models if versions]
             if not models:
                 raise ModelFileError(f"'{source}' holds no models (expected <name>/<version>/{MODEL_FILE} or a "

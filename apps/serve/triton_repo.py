@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from dlpipe.apps.serve.repository import CONFIG_FILE, MODEL_FILE, ModelSettings
@@ -87,6 +88,26 @@ def config_pbtxt(name: str, engine: Engine, settings: ModelSettings, device: str
     return _pbtxt(model_config(name, engine, settings, device)) + "\n"
 
 
+def _write_model(model: Path, name: str, folder: Path, engine: Engine, settings: ModelSettings, device: str) -> dict:
+    """One model's folder: ``1/model.onnx``, ``config.pbtxt``, labels, dlpipe's settings and the model card."""
+    from dlpipe.apps.card import model_card  # here: the server imports this module for model_config alone
+
+    batched = settings.max_batch_size > 0 and batch_axis(engine)
+    (folder / "1").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(model, folder / "1" / MODEL_FILE)
+    (folder / "config.pbtxt").write_text(config_pbtxt(name, engine, settings, device))
+    if engine.info and engine.info.labels and LABELLED_OUTPUT.get(engine.info.task) is not None:
+        (folder / LABELS_FILE).write_text("\n".join(engine.info.labels) + "\n")
+    dlpipe_settings = {"max_batch_size": settings.max_batch_size if batched else 0,
+                       "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": settings.instances,
+                       "preferred_batch_size": list(settings.preferred_batch_size), "device": device}
+    (folder / CONFIG_FILE).write_text(json.dumps(dlpipe_settings, indent=2) + "\n")
+    if engine.info is not None:  # the model card (issue 18), from the metadata of the file served
+        (folder / CARD_FILE).write_text(model_card(folder / "1" / MODEL_FILE))
+    return {"model": name, "max_batch_size": dlpipe_settings["max_batch_size"],
+            "task": engine.info.task if engine.info else None}
+
+
 def export_repository(models: list[str | Path], out: str | Path, settings: ModelSettings, device: str = "cpu",
                       overwrite: bool = False) -> list[dict]:
     """Write the repository for ``models`` (dlpipe ONNX files) under ``out``; one row per model.
@@ -94,35 +115,41 @@ def export_repository(models: list[str | Path], out: str | Path, settings: Model
     Raises:
         UsageError: an unknown device, a model named twice, or a model folder that exists (without ``overwrite``).
         ModelFileError: a file that is not a loadable ONNX model.
-    """
-    from dlpipe.apps.card import model_card  # here: the server imports this module for model_config alone
 
+    Every file is checked before anything is written, and each model folder is written whole beside the
+    repository, then moved into place: a failure leaves the repository as it was, and ``overwrite`` replaces
+    a folder with nothing of the old one left in it.
+    """
     if device not in KINDS:
         raise UsageError(f"device must be one of {', '.join(KINDS)}, got {device!r}")
     names = [Path(m).stem for m in models]
     if len(set(names)) != len(names):
         raise UsageError(f"two models would share a name in the repository: {names}")
-    rows = []
-    for model, name in zip(map(Path, models), names):
+    engines = []
+    for model, name in zip(map(Path, models), names):  # every file checked before anything is written
         if model.is_dir():
             raise ModelFileError(f"'{model}' is a folder; Triton's onnxruntime backend serves single ONNX files")
         folder = Path(out) / name
         if folder.exists() and not overwrite:
             raise UsageError(f"'{folder}' already exists; pass --overwrite to replace it")
-        engine = Engine(model, device="cpu", graph_optimization="disable")
-        batched = settings.max_batch_size > 0 and batch_axis(engine)
-        text = config_pbtxt(name, engine, settings, device)
-        (folder / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(model, folder / "1" / MODEL_FILE)
-        (folder / "config.pbtxt").write_text(text)
-        if engine.info and engine.info.labels and LABELLED_OUTPUT.get(engine.info.task) is not None:
-            (folder / LABELS_FILE).write_text("\n".join(engine.info.labels) + "\n")
-        dlpipe_settings = {"max_batch_size": settings.max_batch_size if batched else 0,
-                           "max_queue_delay_ms": settings.max_queue_delay_ms, "instances": settings.instances,
-                           "preferred_batch_size": list(settings.preferred_batch_size), "device": device}
-        (folder / CONFIG_FILE).write_text(json.dumps(dlpipe_settings, indent=2) + "\n")
-        if engine.info is not None:  # the model card (issue 18), from the metadata of the file served
-            (folder / CARD_FILE).write_text(model_card(folder / "1" / MODEL_FILE))
-        rows.append({"model": name, "folder": str(folder), "max_batch_size": dlpipe_settings["max_batch_size"],
-                     "task": engine.info.task if engine.info else None})
+        engines.append((model, name, folder, Engine(model, device="cpu", graph_optimization="disable")))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    rows, staged = [], []
+    try:
+        for model, name, folder, engine in engines:  # each model written whole into a hidden folder beside
+            stage = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+            staged.append((stage, folder))
+            written = _write_model(model, name, stage, engine, settings, device)
+            rows.append({"model": name, "folder": str(folder), **written})
+        for stage, folder in staged:  # then swapped in: a replaced folder keeps none of its old files
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=out))
+                folder.rename(old / folder.name)
+                stage.rename(folder)
+                shutil.rmtree(old)
+            else:
+                stage.rename(folder)
+    finally:
+        for stage, _ in staged:
+            shutil.rmtree(stage, ignore_errors=True)
     return rows
