@@ -147,6 +147,8 @@ def merge(files: list[str]) -> list[dict[str, Any]]:
             if r["source"] != "trained by bench/defaults.py":
                 continue
             key = (r["model"], r["dataset"])
+            if key in by_pair and by_pair[key]["recipe"] != r["recipe"]:
+                sys.exit(f"defaults: {key[0]} on {key[1]} was trained with two recipes in {files}; merge one")
             if key in by_pair:
                 by_pair[key]["runs"] += r["runs"]
             else:

@@ -112,7 +112,7 @@ def _json_request(shape, datatype="FP32", data=None):
                                    "data": data if data is not None else [0.5] * int(np.prod(shape))}]}).encode()
 
 
-def test_bad_requests_get_their_errors_and_the_server_keeps_serving(server, client):
+def test_bad_requests_get_their_errors_and_the_server_keeps_serving(server, client, repository):
     header = json.dumps({"inputs": [{"name": "image", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                      "parameters": {"binary_data_size": 12288}}]}).encode()
     cases = [
@@ -130,6 +130,9 @@ def test_bad_requests_get_their_errors_and_the_server_keeps_serving(server, clie
         response = _post(server, "shapes", body, headers)
         assert response.status_code == status, (words, response.text)
         assert words in response.json()["error"], response.json()
+    tiny = _post(server, "fcn", _json_request([1, 3, 2, 2], data=[0.5] * 12))  # too small for the FCN's kernels
+    assert tiny.status_code == 400 and "fcn" in tiny.json()["error"], tiny.text
+    assert str(repository) not in tiny.text  # the model is named, its path on the server is not
     big = _post(server, "shapes", bytes(100 * 2**20))  # over the 8 MB limit of the fixture
     assert big.status_code == 413 and "limit" in big.json()["error"]
     assert _post(server, "nope", _json_request([1, 3, 32, 32])).status_code == 404

@@ -162,6 +162,14 @@ OUTCOMES = {400: "bad_request", 404: "not_found", 413: "bad_request", 415: "bad_
             504: "timeout"}
 
 
+def public_message(repository: Repository, message: str) -> str:
+    """``message`` with each served model's file or folder path (where the runtime's errors name it) replaced
+    by the model's name: clients learn what was wrong with their request, not where the server keeps its files."""
+    for model in sorted(repository, key=lambda m: len(str(m.path)), reverse=True):
+        message = message.replace(str(model.path), model.name)
+    return message
+
+
 async def _counted(server: Server, name: str, handle) -> Response:
     """``handle()`` with its outcome counted and its errors answered as JSON."""
     started = time.perf_counter()
@@ -171,13 +179,14 @@ async def _counted(server: Server, name: str, handle) -> Response:
     except HTTPError as exc:
         response = error_response(exc.status, str(exc), exc.headers)
     except (protocol.ProtocolError, BatchTooLarge, DlpipeError) as exc:  # DlpipeError: the model's InputError
-        response = error_response(400, str(exc))
+        response = error_response(400, public_message(server.repository, str(exc)))
     except Overloaded as exc:
         response = error_response(503, str(exc), {"retry-after": RETRY_AFTER})
     except NotReady as exc:
         response = error_response(503, str(exc), {"retry-after": RETRY_AFTER})
     except Exception as exc:  # a bug or a model that cannot run: the client gets a 500, the server carries on
-        response = error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        response = error_response(500, public_message(server.repository,
+                                                      f"internal error: {type(exc).__name__}: {exc}"))
     finally:
         server.metrics.in_flight.dec()
     outcome = "success" if response.status_code < 300 else OUTCOMES.get(response.status_code, "error")

@@ -64,7 +64,7 @@ def card_markdown(model: ServedModel) -> Response:
     try:
         text = model_card(model.path)
     except DlpipeError as exc:
-        return error_response(404, f"model '{model.name}' has no card: {exc}")
+        return error_response(404, f"model '{model.name}' has no card: {str(exc).replace(str(model.path), model.name)}")
     except Exception as exc:  # a card that cannot be made must not take the page down
         return error_response(500, f"the card of model '{model.name}' failed: {type(exc).__name__}: {exc}")
     return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
