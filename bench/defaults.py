@@ -89,7 +89,8 @@ def _decimals(text: str, metric: str) -> int:
 
 def row(model: str, dataset: str, metric: str, measured: dict[str, Any], source: str, **extra) -> dict[str, Any]:
     claim, text = readme_claim(model, dataset, metric)
-    gap = None if claim is None else round(measured["mean"], _decimals(text, metric)) < claim
+    digits = _decimals(text, metric)
+    gap = None if claim is None else round(measured["mean"], digits) < round(claim, digits)
     command = f"dlpipe train {model}" + ("" if dataset == get_spec(model).default_dataset else f" --dataset {dataset}")
     return {"model": model, "dataset": dataset, "command": command, "metric": metric, "measured": measured,
             "source": source, "readme_claim": claim, "readme_text": text, "gap": gap, **extra}
