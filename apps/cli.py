@@ -205,7 +205,7 @@ def _quiet_distributed(opts: dict) -> None:
               help="Classifiers: cross-entropy label smoothing (default: the recipe's).")
 @click.option("--recipe", default="default", show_default=True,
               help="The model's named recipe for every option not given: default (what its benchmark measured), "
-                   "quick (a smoke run), or one of the model's own (deep_convnet: book, erase).")
+                   "quick (a smoke run), or one of the model's own (deep_convnet: book, erase; dmlp, lenet5: plain).")
 @click.option("--val-fraction", type=float, default=0.1, show_default=True)
 @click.option("--patience", type=click.IntRange(min=0), default=0, show_default=True, help="Early stopping patience (0: off).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Train on the first N images only.")
