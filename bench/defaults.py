@@ -145,7 +145,7 @@ def merge(files: list[str]) -> list[dict[str, Any]]:
     by_pair: dict[tuple[str, str], dict[str, Any]] = {}
     for f in files:
         for r in json.loads(Path(f).read_text())["rows"]:
-            if r["source"] != "trained by bench/defaults.py":
+            if "runs" not in r:  # a collected benchmark's row: collected afresh below
                 continue
             key = (r["model"], r["dataset"])
             if key in by_pair and by_pair[key]["recipe"] != r["recipe"]:
@@ -158,8 +158,8 @@ def merge(files: list[str]) -> list[dict[str, Any]]:
     for (model, dataset), r in by_pair.items():
         runs = sorted(r["runs"], key=lambda x: x["seed"])
         values = [(x["seed"], x["value"]) for x in runs]
-        rows.append(row(model, dataset, r["metric"], _seeded(values), r["source"], runs=runs, recipe=r["recipe"],
-                        threads=r["threads"]))
+        rows.append(row(model, dataset, r["metric"], _seeded(values), "trained by bench/defaults.py", runs=runs,
+                        recipe=r["recipe"], threads=r["threads"]))
     return rows
 
 
