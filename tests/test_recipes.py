@@ -161,11 +161,20 @@ def test_models_command_lists_recipes_and_shows_one_models_recipes_as_train_reso
     assert bad.exit_code != 0 and "unknown model 'no-such-model'" in bad.output
 
 
-def test_defaults_bench_reads_the_readme_claims_and_flags_gaps():
+def test_defaults_bench_reads_the_readme_claims_and_flags_gaps(monkeypatch, tmp_path):
     module = _bench("defaults")
     claim, text = module.readme_claim("deep_convnet", "mnist", "acc")
     assert claim == _bench("mnist_accuracy").README_CLAIM and "%" in text
-    assert module.readme_claim("rcnn", "shapes-boxes", "map50")[0] == pytest.approx(0.909)
+    table = tmp_path / "README.md"
+    table.write_text("| `rcnn` | `shapes-boxes`, `x` | cmd | mAP@0.5 0.905 ± 0.005 over seeds | t | b |\n"
+                     "| `fcn2s`, `fcn8s` | `shapes-scenes` | cmd | mean IoU 0.911 (seed 0) | t | b |\n"
+                     "| `dmlp` | `mnist` | cmd | not measured 98.0% | t | b |\n")
+    monkeypatch.setattr(module, "README", table)
+    assert module.readme_claim("rcnn", "shapes-boxes", "map50")[0] == pytest.approx(0.905)
+    assert module.readme_claim("fcn8s", "shapes-scenes", "miou")[0] == pytest.approx(0.911)
+    assert module.readme_claim("dmlp", "mnist", "acc")[0] is None
+    assert module.readme_claim("lenet5", "mnist", "acc") == (None, "no row in the README's model table")
+    monkeypatch.undo()
     below = module.row("deep_convnet", "mnist", "acc", {"mean": claim - 0.0002, "std": 0.0, "seeds": 1}, "test")
     same = module.row("deep_convnet", "mnist", "acc", {"mean": claim + 0.00004, "std": 0.0, "seeds": 1}, "test")
     assert below["gap"] is True and same["gap"] is False
