@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from common import write_result  # noqa: E402
 
 from dlpipe.runtime import Engine, load  # noqa: E402
-from dlpipe.runtime.benchmark import measure_interleaved, random_input  # noqa: E402
+from dlpipe.runtime.benchmark import engine_runners, measure_interleaved, random_input  # noqa: E402
 
 CELL_SECONDS = 3.0  # timing budget of the slowest runner in one (model, batch) cell
 
@@ -68,11 +68,7 @@ def latency(engines: dict[str, Engine], batches: list[int], rounds: int) -> list
     for batch in batches:
         runners = {}
         for name, engine in engines.items():
-            feeds = random_input(engine, batch)
-            runners[name] = lambda e=engine, f=feeds: e.run(f)
-            if engine.device == "cuda":
-                resident = {k: engine.to_device(v) for k, v in feeds.items()}
-                runners[f"{name} io-binding"] = lambda e=engine, f=resident: e.run_bound(f, on_device=True)
+            runners.update(engine_runners(name, engine, random_input(engine, batch)))
         slowest = 0.0
         for fn in runners.values():  # warm-up, and the slowest call sets how many calls fit the budget
             fn()

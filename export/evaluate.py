@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import torch
 
-from dlpipe.runtime.benchmark import LatencyStats, measure_interleaved, random_input
+from dlpipe.runtime.benchmark import LatencyStats, engine_runners, measure_interleaved, random_input
 from dlpipe.runtime.captioner import is_package, read_manifest
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, UsageError
@@ -111,10 +111,7 @@ def benchmark(models: Sequence[str | Path], batches: Sequence[int] = (1, 64), ch
             feeds = random_input(engine, batch)
             reference = reference or feeds
             label = f"{Path(name).name} [{engine.info.precision if engine.info else 'onnx'}"
-            runners[f"{label}]"] = lambda e=engine, f=feeds: e.run(f)
-            if engine.device == "cuda":  # the same model with inputs and outputs left in the GPU's memory
-                on_gpu = {k: engine.to_device(v) for k, v in feeds.items()}
-                runners[f"{label}, io-binding]"] = lambda e=engine, f=on_gpu: e.run_bound(f, on_device=True)
+            runners.update(engine_runners(f"{label}]", engine, feeds, bound_name=f"{label}, io-binding]"))
         if module is not None:
             if reference is None:
                 ckpt = load_checkpoint(checkpoint)

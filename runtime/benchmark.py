@@ -108,6 +108,18 @@ def marked(value: float, too_wide: bool, digits: int = 4) -> str:
     return f"{value:.{digits}f}{'*' if too_wide else ''}"
 
 
+def engine_runners(name: str, engine: Engine, feeds: dict[str, np.ndarray],
+                   bound_name: str | None = None) -> dict[str, Callable[[], object]]:
+    """Runners timing ``engine`` on ``feeds``: ``Engine.run`` as ``name``, and on CUDA also IO binding with the
+    inputs and outputs left in GPU memory, as ``bound_name`` (``name + " io-binding"`` when None); the gap
+    between the two is what the host-device copies cost."""
+    runners: dict[str, Callable[[], object]] = {name: lambda: engine.run(feeds)}
+    if engine.device == "cuda":
+        resident = {k: engine.to_device(v) for k, v in feeds.items()}
+        runners[bound_name or f"{name} io-binding"] = lambda: engine.run_bound(resident, on_device=True)
+    return runners
+
+
 def random_input(engine: Engine, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds for every input of ``engine`` with the batch axis set to ``batch``.
 

@@ -181,22 +181,30 @@ class Engine:
             InputError: wrong input names, rank, fixed dimension or dtype, unknown output names, or inputs the
                 graph cannot run on (e.g. an image too small for its kernels).
         """
-        if isinstance(feeds, ort.OrtValue) or (isinstance(feeds, Mapping) and any(
-                isinstance(v, ort.OrtValue) for v in feeds.values())):
-            return self.run_bound(feeds, outputs)  # inputs already on the device go through IO binding
-        feeds = self._checked(feeds)
-        wanted = list(outputs) if outputs else None
-        unknown = [o for o in wanted or () if o not in self.output_names]
-        if unknown:
-            raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        feeds, resident = self._checked(feeds)
+        if resident:  # inputs already on the device go through IO binding
+            return self._bound(feeds, self._wanted(outputs), on_device=False)
+        wanted = self._wanted(outputs) if outputs else None
         try:
             return self.session.run(wanted, feeds, self._run_options)
         except _RUN_ERRORS as exc:
-            shapes = {name: list(arr.shape) for name, arr in feeds.items()}
-            raise InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}") from None
+            raise self._cannot_run(feeds, exc) from None
 
-    def _checked(self, feeds) -> Mapping[str, np.ndarray | ort.OrtValue]:
-        """``feeds`` as ``{input name: array}``, checked against the inputs' names, dtypes, ranks and fixed sizes."""
+    def _cannot_run(self, feeds: Mapping[str, np.ndarray | ort.OrtValue], exc: Exception) -> InputError:
+        shapes = {name: list(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for name, v in feeds.items()}
+        return InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}")
+
+    def _wanted(self, outputs: Sequence[str] | None) -> list[str]:
+        """The output names to fetch (all when None), each checked."""
+        wanted = list(outputs) if outputs else self.output_names
+        unknown = [o for o in wanted if o not in self.output_names]
+        if unknown:
+            raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        return wanted
+
+    def _checked(self, feeds) -> tuple[Mapping[str, np.ndarray | ort.OrtValue], bool]:
+        """``feeds`` as ``{input name: array}``, checked against the inputs' names, dtypes, ranks and fixed sizes,
+        and whether any input is an ``OrtValue`` (already on the device)."""
         if isinstance(feeds, (np.ndarray, ort.OrtValue)):
             if len(self._contract) != 1:
                 raise InputError(f"'{self.path}' takes inputs {self.input_names}; pass a dict")
@@ -206,6 +214,7 @@ class Engine:
                              f"got {type(feeds).__name__}")
         elif len(feeds) != len(self._contract):
             raise InputError(f"'{self.path}' expects inputs {self.input_names}, got {sorted(map(str, feeds))}")
+        resident = False
         for name, dtype, rank, fixed in self._contract:
             arr = feeds.get(name)
             if arr is None:
@@ -213,6 +222,7 @@ class Engine:
             if isinstance(arr, ort.OrtValue):
                 got_dtype = np.dtype(_ORT_TYPES[arr.data_type()]) if arr.data_type() in _ORT_TYPES else arr.data_type()
                 shape = tuple(arr.shape())
+                resident = True
             elif isinstance(arr, np.ndarray):
                 got_dtype, shape = arr.dtype, arr.shape
             else:
@@ -223,7 +233,7 @@ class Engine:
                 want = [d if isinstance(d, int) else str(d) for d in self.session.get_inputs()[
                     self.input_names.index(name)].shape]
                 raise InputError(f"input '{name}' of '{self.path}' must have shape {want}, got {list(shape)}")
-        return feeds
+        return feeds, resident
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         """A copy of ``array`` in the memory of the engine's device (the GPU's under CUDA), for
@@ -247,11 +257,12 @@ class Engine:
         Raises:
             InputError: as :meth:`run`.
         """
-        feeds = self._checked(feeds)
-        wanted = list(outputs) if outputs else self.output_names
-        unknown = [o for o in wanted if o not in self.output_names]
-        if unknown:
-            raise InputError(f"'{self.path}' has outputs {self.output_names}, not {unknown}")
+        feeds, _ = self._checked(feeds)
+        return self._bound(feeds, self._wanted(outputs), on_device)
+
+    def _bound(self, feeds: Mapping[str, np.ndarray | ort.OrtValue], wanted: list[str],
+               on_device: bool) -> list[np.ndarray] | list[ort.OrtValue]:
+        """:meth:`run_bound` on checked feeds and output names."""
         binding = self.session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -263,8 +274,7 @@ class Engine:
         try:
             self.session.run_with_iobinding(binding, self._run_options)
         except _RUN_ERRORS as exc:
-            shapes = {name: list(v.shape() if isinstance(v, ort.OrtValue) else v.shape) for name, v in feeds.items()}
-            raise InputError(f"'{self.path}' cannot run on inputs of shape {shapes}: {_first_line(exc)}") from None
+            raise self._cannot_run(feeds, exc) from None
         if on_device:
             binding.synchronize_outputs()
             return binding.get_outputs()
