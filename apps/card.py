@@ -142,9 +142,9 @@ def _open(model: str | Path) -> _Model:
         found = _Model(manifest.parent if Path(model).is_dir() else manifest, info, engines)
         for precision, name in {info.precision: manifest.name, **(doc.get("variants") or {})}.items():
             variant = manifest.parent / str(name)
-            record = read_manifest(variant)[1].get("quantization") if variant.is_file() else None
-            if record:
-                found.quantized[precision] = (variant.name, record)
+            written = read_manifest(variant)[1] if variant.is_file() else {}
+            if written.get("quantization"):  # part -> precision and method, and the package's agreement gate
+                found.quantized[precision] = (variant.name, {**written["quantization"], "gate": written.get("gate")})
         return found
     engine = Engine(model, device="cpu", graph_optimization="disable")
     if engine.info is None:
@@ -390,9 +390,12 @@ def _quantization(model: _Model) -> str:
     for precision, (file, record) in model.quantized.items():
         if "precision" in record:  # one ONNX file's record
             parts += [f"### {precision} (`{file}`)", _quantized_file(record)]
-        else:  # a package variant's manifest: part -> precision and method
+        else:  # a package variant's manifest: part -> precision and method, and the gate the whole package passed
+            gate = _gate(record.get("gate"))
             parts += [f"### {precision} (`{file}`)", _table(["graph", "precision", "method"], [
-                [part, r.get("precision"), r.get("method")] for part, r in record.items() if isinstance(r, dict)])]
+                [part, r.get("precision"), r.get("method")] for part, r in record.items()
+                if isinstance(r, dict) and part != "gate"])]
+            parts += [f"Agreement with fp32 (gate), the package as a whole: {gate}"] if gate else []
     return _section("Quantization", *parts)
 
 

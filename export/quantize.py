@@ -1003,6 +1003,10 @@ def quantize_package(path: str | Path, out: str | Path | None, config: Quantizat
         write_json(out_tmp, {**variant, "graphs": {p: f"{p}{suffix}.onnx.tmp" for p in plans}})
         agreement, max_diff = policy.agreement(load(manifest_path, device="cpu"), load(out_tmp, device="cpu"), checks)
         _gate(agreement, config, task, len(checks))
+        # the gate it passed, as a single file records it in its metadata (model cards read it)
+        variant["gate"] = {"agreement": agreement, "agreement_name": policy.agreement_name,
+                           "min_agreement": config.min_agreement, "check_inputs": len(checks),
+                           "max_abs_diff": max_diff}
         for part in plans:
             os.replace(folder / f"{part}{suffix}.onnx.tmp", folder / f"{part}{suffix}.onnx")
         write_json(out, variant)

@@ -244,6 +244,9 @@ def test_package_card(tmp_path, data_dir):
     assert float(recorded["val_loss"]) == pytest.approx(metrics["val_loss"], rel=1e-4)
     fp16 = _section(card, "Quantization").split("### fp16 (`manifest.fp16.json`)", 1)[1]
     assert sorted(r[:2] for r in _table_rows(fp16)) == [["decoder", "fp16"], ["encoder", "fp16"]]
+    gate = json.loads((package / "manifest.fp16.json").read_text())["gate"]  # the package's gate, recorded
+    assert gate["check_inputs"] == 32 and gate["min_agreement"] == 0.98 and gate["agreement"] >= 0.98
+    assert f"{gate['agreement']:.2%} {gate['agreement_name']} on 32 held-out inputs" in fp16
     assert 'model = load("ae_pkg")  # an Autoencoder' in card
 
 
