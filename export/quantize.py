@@ -690,19 +690,43 @@ def _convert(src: Path, dst: Path, cfg: QuantizationConfig, calibration: np.ndar
         raise QuantizationError(f"{cfg.precision} quantization of '{src}' failed: {first}") from None
 
 
+def _upstream(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """``model`` with ``outputs`` as its outputs and only the nodes and initializers they need (onnxruntime
+    would run the whole graph: an early layer of MobileNetV2 at 224x224 took 0.19 s for 32 images instead of
+    0.08). A graph with subgraphs (If, Loop) is only given the new outputs."""
+    made = {o: n for n in model.graph.node for o in n.output}
+    needed, stack = set(), list(outputs)
+    while stack:
+        node = made.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    nested = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                 for n in model.graph.node for a in n.attribute)
+    kept = [n for n in model.graph.node if nested or id(n) in needed]
+    used = {t for n in kept for t in n.input}
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.node[:], pruned.graph.output[:]
+    pruned.graph.node.extend(kept)
+    pruned.graph.output.extend(onnx.ValueInfoProto(name=t) for t in outputs)
+    if not nested:
+        initializers = [t for t in pruned.graph.initializer if t.name in used]
+        del pruned.graph.initializer[:]
+        pruned.graph.initializer.extend(initializers)
+    return pruned
+
+
 def _layer_means(model: onnx.ModelProto, channels: dict[str, int], inputs: np.ndarray,
                  input_name: str) -> dict[str, np.ndarray]:
     """Per-channel means of the tensors named in ``channels`` (name -> its channel axis) of ``model`` on
     ``inputs``, in a CPU session at the runtime's optimization level (what the deployed model computes), a
     chunk of inputs at a time."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    del exposed.graph.output[:]
     names = list(channels)
-    exposed.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names)
     options = ort.SessionOptions()
     options.graph_optimization_level = GRAPH_OPTIMIZATION["all"]
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(_upstream(model, names).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for start in range(0, len(inputs), BIAS_CORRECTION_CHUNK):
