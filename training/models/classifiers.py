@@ -161,7 +161,6 @@ def resnet_small(*, in_channels: int, image_size: Sequence[int], num_classes: in
     return ResNetSmall(in_channels, num_classes, widths, blocks_per_stage, batch_norm)
 
 
-QUICK = {"quick": {"epochs": 2}}  # a smoke run
 # bench/mnist_accuracy.py's recipe, what the plain `dlpipe train deep_convnet` runs (issue 19): 40 epochs, Adam,
 # cosine, affine augmentation, label smoothing 0.1: 99.63% ± 0.05 on the MNIST test set over seeds 0-2
 # (bench/results/mnist_accuracy.json), issue 19's 99.6%. `book` is the textbook's 20-epoch budget without label
@@ -185,13 +184,21 @@ _SMALL = dict(optimizer="adam", lr=1e-3, epochs=20, schedule="cosine", benchmark
                         "plain": {"epochs": 10, "schedule": "none", "augment": "none"}})
 DMLP_RECIPE = TrainRecipe(**_SMALL, datasets={"fashion-mnist": {"augment": "flip"}})
 LENET5_RECIPE = TrainRecipe(**_SMALL, datasets={"mnist": {"augment": "crop"}, "fashion-mnist": {"augment": "flip"}})
+# resnet_small (issue 19): SGD with momentum 0.05, weight decay 5e-4, 10 epochs, now with a cosine schedule and
+# the same augmentation as LeNet-5 (crops on MNIST, flips on Fashion-MNIST): 99.57% ± 0.03 on MNIST, 93.21% ±
+# 0.31 on Fashion-MNIST over seeds 0-2 (bench/defaults.py, defaults.json). `plain` is the earlier default
+# (constant rate, no augmentation), never measured.
+RESNET_SMALL_RECIPE = TrainRecipe(optimizer="momentum", lr=0.05, epochs=10, weight_decay=5e-4, schedule="cosine",
+                                  benchmark="bench/defaults.py",
+                                  datasets={"mnist": {"augment": "crop"}, "fashion-mnist": {"augment": "flip"}},
+                                  variants={"quick": {"epochs": 2, "augment": "none"},
+                                            "plain": {"schedule": "none", "augment": "none"}})
 
 for _name, _builder, _recipe, _description in [
     ("dmlp", dmlp, DMLP_RECIPE, "deep MLP (3 hidden layers, ReLU, dropout)"),
     ("lenet5", lenet5, LENET5_RECIPE, "LeNet-5 (C-P-C-P-C, F6, output)"),
     ("deep_convnet", deep_convnet, DEEP_CONVNET_RECIPE, "VGG-style deep CNN from the textbook (99.38% on MNIST)"),
-    ("resnet_small", resnet_small, TrainRecipe(optimizer="momentum", lr=0.05, epochs=10, weight_decay=5e-4,
-                                               variants=QUICK),
+    ("resnet_small", resnet_small, RESNET_SMALL_RECIPE,
      "small ResNet, 3 stages of residual blocks"),
 ]:
     register_model(ModelSpec(name=_name, task="classification", builder=_builder, default_dataset="mnist",
