@@ -129,7 +129,11 @@ register_model(ModelSpec(
 
 register_model(ModelSpec(
     name="dbn", task="classification", builder=dbn, default_dataset="mnist", contract=DBN_CONTRACT,
-    recipe=TrainRecipe(optimizer="momentum", lr=0.1, epochs=20, batch_size=100, init="xavier", schedule="cosine",
-                       model_args={"hidden": [500, 500]}, benchmark="bench/dbn.py",
-                       variants={"quick": {"epochs": 2}}),
+    # fine-tuning (issue 15): 40 epochs with dropout 0.2 after each hidden layer; from the RBM stack pretrained
+    # with the rbm recipe, 98.49% ± 0.10 on the MNIST test set over seeds 0-2 (98.55 / 98.55 / 98.38%). `short`
+    # is the earlier default (20 epochs, no dropout): 98.33% ± 0.02, what bench/results/dbn.json measured.
+    recipe=TrainRecipe(optimizer="momentum", lr=0.1, epochs=40, batch_size=100, init="xavier", schedule="cosine",
+                       model_args={"hidden": [500, 500], "dropout": 0.2}, benchmark="bench/dbn.py",
+                       variants={"quick": {"epochs": 2},
+                                 "short": {"epochs": 20, "model_args": {"hidden": [500, 500]}}}),
     description="deep belief network: the rbm stack unrolled into a sigmoid MLP (dbn --init-from rbm's best.pt)"))
