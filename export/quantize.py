@@ -897,10 +897,12 @@ def _what_was_done(conversion: Conversion, convs: dict[str, Any], config: Quanti
 
 def _gate(agreement: float, config: QuantizationConfig, task: Task, checks: int, search: str = "") -> None:
     if agreement < config.min_agreement:
+        floor = np.floor(round(agreement * 100, 6)) / 100  # the threshold this result would pass
         raise QuantizationError(f"{config.precision} model agrees with fp32 on only {agreement:.2%} "
                                 f"({task.quantization.agreement_name}) for {checks} check inputs (minimum "
-                                f"{config.min_agreement:.0%}); try --method, more calibration images or --keep-fp32 OP"
-                                + (f" ({search})" if search else ""))
+                                f"{config.min_agreement:.0%}); try --method, more calibration images or "
+                                f"--keep-fp32 OP, or accept it with --min-agreement {floor:.2f} and compare the task "
+                                "metric with `dlpipe evaluate`" + (f" ({search})" if search else ""))
 
 
 def quantize(model_path: str | Path, out: str | Path | None, config: QuantizationConfig, *,

@@ -1,5 +1,7 @@
 """fp16 and int8 variants: structure (node counts) and numbers (agreement with fp32 on real images)."""
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -115,9 +117,11 @@ def test_disagreement_fails_and_writes_nothing(mnist_onnx, data_dir, tmp_path):
     # constant; the agreement check on real test digits must refuse the result.
     np.save(tmp_path / "blank.npy", np.zeros((16, 1, 28, 28), np.float32))
     cfg = QuantizationConfig("int8", calibration_size=16, per_channel=False)
-    with pytest.raises(QuantizationError, match="agrees with fp32 on only"):
+    with pytest.raises(QuantizationError, match="agrees with fp32 on only") as refused:
         quantize(mnist_onnx, tmp_path / "q.onnx", cfg, calibration=str(tmp_path / "blank.npy"), check="mnist",
                  data_dir=data_dir)
+    floor = re.search(r"on only ([0-9.]+)%", str(refused.value)).group(1)  # the way out it names fits the figure
+    assert f"--min-agreement {int(float(floor)) / 100:.2f}" in str(refused.value)
     assert not (tmp_path / "q.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["blank.npy"]
 
