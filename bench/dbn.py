@@ -52,8 +52,7 @@ def pretrain(args: argparse.Namespace, hidden: list[int], out: Path) -> dict:
 
 def fine_tune(args, hidden, limit, epochs, seed, init_from, out: Path) -> dict:
     cfg = TrainConfig(model="dbn", out=str(out), epochs=epochs, limit=limit, test_limit=args.test_limit, seed=seed,
-                      model_args={**get_spec("dbn").recipe.model_args, "hidden": hidden}, init_from=init_from,
-                      threads=args.threads,
+                      model_args={"hidden": hidden}, init_from=init_from, threads=args.threads,
                       data_dir=args.data_dir, progress=False)
     r = train(cfg)
     return {"test_acc": r["test_acc"], "best_val_acc": r["best_val_score"], "train_seconds": r["train_seconds"],

@@ -355,8 +355,12 @@ class _Candidate:
     agreement: float | None = None
     p50_ms: dict[int, float] = field(default_factory=dict)
     same_as: str | None = None
-    bias_corrected: int = 0  # layers whose bias correct_biases adjusted (0: not run, or not kept)
-    bias_check: dict[str, Any] | None = None  # what correct_biases measured
+    bias_check: dict[str, Any] | None = None  # what correct_biases measured (None: not run)
+
+    @property
+    def bias_corrected(self) -> int:
+        """Layers whose bias correct_biases adjusted (0: not run, or not kept)."""
+        return self.bias_check["layers"] if self.bias_check else 0
 
     def score(self) -> float:
         """Geometric mean of the median latencies over the timed batch sizes (lower is faster)."""
@@ -404,8 +408,7 @@ class _Int8Build:
             check = correct_biases(out, self.prep, self.bias_inputs, self.input_name)
         if self.finish is not None:
             self.finish(out)
-        return _Candidate(name, fmt, out, list(excluded), bias_corrected=check["layers"] if check else 0,
-                          bias_check=check)
+        return _Candidate(name, fmt, out, list(excluded), bias_check=check)
 
 
 def _calibration_method(cfg: QuantizationConfig):
@@ -718,25 +721,39 @@ def _upstream(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     return pruned
 
 
-def _layer_means(model: onnx.ModelProto, channels: dict[str, int], inputs: np.ndarray,
-                 input_name: str) -> dict[str, np.ndarray]:
-    """Per-channel means of the tensors named in ``channels`` (name -> its channel axis) of ``model`` on
-    ``inputs``, in a CPU session at the runtime's optimization level (what the deployed model computes), a
-    chunk of inputs at a time."""
-    names = list(channels)
+def _chunked_runs(model: onnx.ModelProto, names: list[str], inputs: np.ndarray, input_name: str):
+    """The tensors ``names`` of ``model`` on ``inputs``, :data:`BIAS_CORRECTION_CHUNK` inputs at a time (a list
+    per chunk), from a CPU session at the runtime's optimization level (what the deployed model computes) over
+    the part of the graph they need (:func:`_upstream`)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = GRAPH_OPTIMIZATION["all"]
     session = ort.InferenceSession(_upstream(model, names).SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
+    for start in range(0, len(inputs), BIAS_CORRECTION_CHUNK):
+        yield session.run(names, {input_name: inputs[start:start + BIAS_CORRECTION_CHUNK]})
+
+
+def _layer_means(model: onnx.ModelProto, channels: dict[str, int], inputs: np.ndarray,
+                 input_name: str) -> dict[str, np.ndarray]:
+    """Per-channel means of the tensors named in ``channels`` (name -> its channel axis) of ``model`` on
+    ``inputs``, summed a chunk at a time (a reference's every layer at once would not fit in memory)."""
+    names = list(channels)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for start in range(0, len(inputs), BIAS_CORRECTION_CHUNK):
-        for name, out in zip(names, session.run(names, {input_name: inputs[start:start + BIAS_CORRECTION_CHUNK]})):
+    for outs in _chunked_runs(model, names, inputs, input_name):
+        for name, out in zip(names, outs):
             axis = channels[name] % out.ndim
             total = out.astype(np.float64).sum(axis=tuple(a for a in range(out.ndim) if a != axis))
             sums[name] = sums[name] + total if name in sums else total
             counts[name] = counts.get(name, 0) + out.size // out.shape[axis]
     return {name: sums[name] / counts[name] for name in names}
+
+
+def _run_outputs(model: onnx.ModelProto, names: list[str], inputs: np.ndarray,
+                 input_name: str) -> dict[str, np.ndarray]:
+    """The graph outputs ``names`` of ``model`` on ``inputs``."""
+    runs = list(_chunked_runs(model, names, inputs, input_name))
+    return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(names)}
 
 
 def _output_error(model: onnx.ModelProto, reference: dict[str, np.ndarray], inputs: np.ndarray,
@@ -745,17 +762,6 @@ def _output_error(model: onnx.ModelProto, reference: dict[str, np.ndarray], inpu
     magnitude, summed over the outputs."""
     got = _run_outputs(model, list(reference), inputs, input_name)
     return float(sum(np.abs(got[k] - v).mean() / (np.abs(v).mean() + 1e-12) for k, v in reference.items()))
-
-
-def _run_outputs(model: onnx.ModelProto, names: list[str], inputs: np.ndarray,
-                      input_name: str) -> dict[str, np.ndarray]:
-    """The graph outputs ``names`` of ``model`` on ``inputs`` (runtime optimization level)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = GRAPH_OPTIMIZATION["all"]
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    runs = [session.run(names, {input_name: inputs[i:i + BIAS_CORRECTION_CHUNK]})
-            for i in range(0, len(inputs), BIAS_CORRECTION_CHUNK)]
-    return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(names)}
 
 
 def _dequantized_name(model: onnx.ModelProto, tensor: str) -> str:
