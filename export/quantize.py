@@ -543,12 +543,25 @@ def _counts(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _faster_everywhere(c: _Candidate, other: _Candidate) -> bool:
+    """Whether ``c`` ran faster than ``other`` at every batch size both were timed at."""
+    timed = [b for b in c.p50_ms if b in other.p50_ms]
+    return bool(timed) and all(c.p50_ms[b] < other.p50_ms[b] for b in timed)
+
+
 def _choose(candidates: list[_Candidate], gate: float) -> tuple[_Candidate | None, str]:
     """The fastest candidate that passes the agreement gate. Between formats, the first passing one in
     :data:`INT8_FORMATS`' order of preference unless the fastest beats it by :data:`PREFERENCE_MARGIN` (timing
-    noise on a shared machine must not flip the format); within a format (image stems in float or in int8) the
-    faster. Returns it (None when none passes) and why."""
+    noise on a shared machine must not flip the format); within a format, image stems run in int8 only when that
+    is faster at every batch size timed (an int8 stem of one or three input channels costs the most accuracy, and
+    onnxruntime's integer kernel for it can be faster at batch 1 and several times slower at batch 64: a
+    geometric mean of the two would hide that). Returns it (None when none passes) and why."""
     passing = [c for c in candidates if c.same_as is None and c.agreement is not None and c.agreement >= gate]
+    for c in list(passing):  # an int8-stem build stays in the running only when faster everywhere than its twin
+        twin = next((t for t in passing if t is not c and t.format == c.format and set(t.excluded) > set(c.excluded)),
+                    None)
+        if twin is not None and not _faster_everywhere(c, twin):
+            passing.remove(c)
     if not passing:
         return None, ""
     fastest = min(passing, key=_Candidate.score)

@@ -269,3 +269,27 @@ def test_cli_quantize_takes_no_bias_correction(mnist_onnx, data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "bias correction" not in result.output
     assert Engine(out, device="cpu").info.raw["quantization"]["bias_correction"] is False
+
+
+def test_an_int8_image_stem_is_kept_only_when_faster_at_every_batch_size(tmp_path):
+    """The stem twin with the faster geometric mean but a slower batch-32 time loses: batch 1 alone must not
+    decide (on this CPU an int8 one-channel stem was 30% faster at batch 1 and 4x slower at batch 64)."""
+    from dlpipe.export.quantize import _Candidate, _choose
+
+    def pair(stem_ms: dict[int, float], agreement: float = 0.99):
+        floats = _Candidate("qdq-u8s8", "qdq-u8s8", tmp_path / "a.onnx", ["stem"], agreement=0.99,
+                            p50_ms={1: 0.28, 32: 20.5})
+        stem = _Candidate("qdq-u8s8-int8-stem", "qdq-u8s8", tmp_path / "b.onnx", [], agreement=agreement,
+                          p50_ms=stem_ms)
+        return floats, stem
+
+    floats, stem = pair({1: 0.198, 32: 21.2})
+    assert stem.score() < floats.score()  # what used to pick it
+    assert _choose([floats, stem], 0.98)[0] is floats
+    floats, stem = pair({1: 0.25, 32: 18.0})
+    assert _choose([floats, stem], 0.98)[0] is stem
+    floats, stem = pair({1: 0.25, 32: 18.0}, agreement=0.95)  # faster, but below the gate
+    assert _choose([floats, stem], 0.98)[0] is floats
+    floats, stem = pair({1: 0.3, 32: 22.0})
+    floats.agreement = 0.97  # only the int8 stem passes the gate: slower, still the one kept
+    assert _choose([floats, stem], 0.98)[0] is stem
