@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import threading
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -78,6 +79,21 @@ def _preload_cuda_libraries() -> bool:
     return True
 
 
+class PrecisionWarning(UserWarning):
+    """A model runs on a device its precision was not built for (it runs, but slower or less exactly)."""
+
+
+def device_mismatch(device: str, precision: str, path: Path | str) -> str:
+    """Why ``precision`` on ``device`` is a poor pair ('' when it is not): dlpipe's int8 files are QDQ models
+    built for CPUs' integer kernels; the CUDA provider runs them as float emulation, slower than fp32, with
+    answers that can differ from the CPU's int8 (on an H100: 2 of 4 photographs' top-1, README's GPU section)."""
+    if device == "cuda" and precision == "int8":
+        return (f"'{path}' is an int8 model built for CPUs: the CUDA provider runs it as float emulation, slower "
+                "than fp32 and not the CPU's int8 answers; on a GPU serve the fp16 variant (dlpipe quantize --to "
+                "fp16), or run this one with device 'cpu'")
+    return ""
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -131,6 +147,9 @@ class Engine:
         self.input_names = [i.name for i in self.inputs]
         self.output_names = [o.name for o in self.outputs]
         self.info: ModelInfo | None = info_from_session(self.session, self.path)
+        mismatch = device_mismatch(self.device, self.info.precision if self.info else "", self.path)
+        if mismatch:
+            warnings.warn(mismatch, PrecisionWarning, stacklevel=2)
         # A run that fails comes back as an InputError; onnxruntime's own log line would only repeat it.
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4

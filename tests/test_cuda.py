@@ -103,7 +103,10 @@ def test_int8_runs_on_the_gpu_and_agrees_with_the_cpu(gpu, mnist_onnx, mnist_tes
                     calibration_size=128), data_dir=data_dir, check_size=256).path
     images, _ = mnist_test
     on_cpu = load(int8, device="cpu").logits(images).argmax(1)
-    on_gpu = load(int8, device="cuda")
+    from dlpipe.runtime.engine import PrecisionWarning
+
+    with pytest.warns(PrecisionWarning, match="fp16 variant"):  # it runs, as float emulation: the user is told
+        on_gpu = load(int8, device="cuda")
     assert on_gpu.engine.providers[0] == "CUDAExecutionProvider"
     assert (on_gpu.logits(images).argmax(1) == on_cpu).mean() >= 0.99
 

@@ -293,3 +293,15 @@ def test_an_int8_image_stem_is_kept_only_when_faster_at_every_batch_size(tmp_pat
     floats, stem = pair({1: 0.3, 32: 22.0})
     floats.agreement = 0.97  # only the int8 stem passes the gate: slower, still the one kept
     assert _choose([floats, stem], 0.98)[0] is stem
+
+
+def test_int8_on_the_cpu_is_not_warned_about_and_on_cuda_would_be(variants):
+    import warnings
+
+    from dlpipe.runtime.engine import PrecisionWarning, device_mismatch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        assert load(variants["int8"].path, device="cpu").info.precision == "int8"
+    assert "fp16 variant" in device_mismatch("cuda", "int8", "m.int8.onnx")
+    assert device_mismatch("cpu", "int8", "m.int8.onnx") == device_mismatch("cuda", "fp16", "m.onnx") == ""
