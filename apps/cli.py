@@ -402,7 +402,7 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
     report = quantize(model, out, config, calibration=calibration, data_dir=data_dir)
     ops = ", ".join(f"{k} {v}" for k, v in report.op_counts.items())
     human = (f"wrote {report.path} ({report.precision}{' ' + report.method if report.method else ''}"
-             f"{' ' + report.format if report.format else ''}, "
+             f"{' ' + report.format if report.format else ''}{' per-tensor' if report.per_channel is False else ''}, "
              f"{report.size_bytes / 1024:.0f} KiB vs {report.fp32_size_bytes / 1024:.0f} KiB fp32)\n"
              f"{report.agreement_name} with fp32: {report.agreement:.2%} on {report.check_images} images "
              f"(max |diff| {report.max_abs_diff:.3g})\n{report.conv_summary}\noperators: {ops}\n"

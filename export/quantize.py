@@ -75,10 +75,13 @@ class QuantizationConfig:
     Attributes:
         precision: ``fp16`` or ``int8``.
         method: int8 only: ``static`` (calibrated activations) or ``dynamic`` (weights only).
-        format: int8 static: one of :data:`INT8_FORMATS`, or ``auto``: build each, read which kernels
-            onnxruntime fuses, time them at batch 1 and ``batch`` and keep the fastest that passes the gate.
+        format: int8 static: one of :data:`INT8_FORMATS`, or ``auto``: build each (and the first with
+            per-tensor weights too, when ``per_channel``), read which kernels onnxruntime fuses, time them at
+            batch 1 and ``batch`` and keep the fastest that passes the gate.
         batch: The typical batch size the ``auto`` format is timed at (besides 1).
-        per_channel: int8 only: per-channel weight scales.
+        per_channel: int8 only: per-channel weight scales. With format ``auto`` per-tensor scales are tried
+            too (onnxruntime's default), and kept only when they pass the gate and run faster at every batch
+            size timed; the model's metadata records which were kept.
         calibration_method: int8 static: ``minmax``, ``entropy`` or ``percentile`` (the default, chosen by
             measurement: bench/int8_real.py, top-1 agreement with fp32 on held-out images of MobileNetV2 /
             deep_convnet / resnet_small: percentile 66.8 / 97.7 / 99.6%, minmax 58.6 / 97.7 / 99.6%, entropy
@@ -154,6 +157,7 @@ class QuantizeReport:
     int8_p50_ms: dict[str, float] = field(default_factory=dict)  # int8 auto: the candidate kept, timed beside fp32
     warning: str = ""  # int8 auto: set when the model built is no faster than fp32 at any batch size timed
     bias_corrected_layers: int = 0  # int8 static QDQ: layers whose bias the layer-wise correction adjusted
+    per_channel: bool | None = None  # int8: per-channel weight scales (False: per-tensor, kept by the auto search)
 
     @property
     def conv_summary(self) -> str:
@@ -341,6 +345,7 @@ class Conversion:
     int8_p50_ms: dict[str, float] = field(default_factory=dict)  # the candidate kept, timed beside fp32
     warning: str = ""  # said when the int8 model built is no faster than fp32 at any batch size timed
     bias_corrected: int = 0  # layers whose bias correct_biases adjusted in the model kept
+    per_channel: bool | None = None  # the kept int8 model's weight scales, where the search chose them
 
 
 @dataclass
@@ -356,6 +361,7 @@ class _Candidate:
     p50_ms: dict[int, float] = field(default_factory=dict)
     same_as: str | None = None
     bias_check: dict[str, Any] | None = None  # what correct_biases measured (None: not run)
+    per_channel: bool = True
 
     @property
     def bias_corrected(self) -> int:
@@ -368,7 +374,8 @@ class _Candidate:
 
     def as_dict(self) -> dict[str, Any]:
         integer, floating = conv_kernels(self.kernels)
-        return {"name": self.name, "format": self.format, "float_nodes": len(self.excluded),
+        return {"name": self.name, "format": self.format, "per_channel": self.per_channel,
+                "float_nodes": len(self.excluded),
                 "integer_convs": integer, "float_convs": floating, "agreement": self.agreement,
                 "p50_ms": {str(b): round(v, 4) for b, v in self.p50_ms.items()}, "same_kernels_as": self.same_as,
                 "bias_corrected_layers": self.bias_corrected, "bias_correction_check": self.bias_check}
@@ -388,17 +395,18 @@ class _Int8Build:
     bias_inputs: np.ndarray | None = None  # calibration inputs for correct_biases (None: no layer-wise correction)
     input_name: str = ""
 
-    def __call__(self, fmt: str, excluded: list[str], name: str) -> _Candidate:
+    def __call__(self, fmt: str, excluded: list[str], name: str, per_channel: bool | None = None) -> _Candidate:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+        per_channel = self.cfg.per_channel if per_channel is None else per_channel
         out = self.folder / f"{name}.onnx"
         if self.cfg.method == "dynamic":
-            quantize_dynamic(str(self.prep), str(out), per_channel=self.cfg.per_channel, weight_type=QuantType.QInt8,
+            quantize_dynamic(str(self.prep), str(out), per_channel=per_channel, weight_type=QuantType.QInt8,
                              nodes_to_exclude=excluded, op_types_to_quantize=self.op_types)
         else:
             quant_format, activation = INT8_FORMATS[fmt]
             quantize_static(str(self.prep), str(out), None, op_types_to_quantize=self.op_types,
-                            quant_format=QuantFormat[quant_format], per_channel=self.cfg.per_channel,
+                            quant_format=QuantFormat[quant_format], per_channel=per_channel,
                             activation_type=QuantType[activation], weight_type=QuantType.QInt8,
                             calibrate_method=_calibration_method(self.cfg), nodes_to_exclude=excluded,
                             calibration_cache_path=str(self.cache),
@@ -408,7 +416,7 @@ class _Int8Build:
             check = correct_biases(out, self.prep, self.bias_inputs, self.input_name)
         if self.finish is not None:
             self.finish(out)
-        return _Candidate(name, fmt, out, list(excluded), bias_check=check)
+        return _Candidate(name, fmt, out, list(excluded), bias_check=check, per_channel=per_channel)
 
 
 def _calibration_method(cfg: QuantizationConfig):
@@ -512,7 +520,8 @@ def _measure(candidates: list[_Candidate], judge: Judge, src: Path, input_name: 
         optimized = c.path.with_suffix(".optimized.onnx")
         session = _optimized_session(c.path, optimized)
         c.kernels = _counts(optimized)
-        key = (INT8_FORMATS.get(c.format, ("", c.format))[1], tuple(sorted(c.excluded)), tuple(sorted(c.kernels.items())))
+        key = (INT8_FORMATS.get(c.format, ("", c.format))[1], c.per_channel, tuple(sorted(c.excluded)),
+               tuple(sorted(c.kernels.items())))
         if key in seen:
             c.same_as = seen[key]
             continue
@@ -552,14 +561,16 @@ def _faster_everywhere(c: _Candidate, other: _Candidate) -> bool:
 def _choose(candidates: list[_Candidate], gate: float) -> tuple[_Candidate | None, str]:
     """The fastest candidate that passes the agreement gate. Between formats, the first passing one in
     :data:`INT8_FORMATS`' order of preference unless the fastest beats it by :data:`PREFERENCE_MARGIN` (timing
-    noise on a shared machine must not flip the format); within a format, image stems run in int8 only when that
-    is faster at every batch size timed (an int8 stem of one or three input channels costs the most accuracy, and
-    onnxruntime's integer kernel for it can be faster at batch 1 and several times slower at batch 64: a
-    geometric mean of the two would hide that). Returns it (None when none passes) and why."""
+    noise on a shared machine must not flip the format); within a format, image stems run in int8, and weights
+    have per-tensor scales, only when that is faster at every batch size timed than the same build with the
+    stems in float / per-channel scales (each costs accuracy: an int8 stem of one or three input channels the
+    most, and onnxruntime's integer kernel for it can be faster at batch 1 and several times slower at batch 64,
+    which a geometric mean of the two would hide). Returns it (None when none passes) and why."""
     passing = [c for c in candidates if c.same_as is None and c.agreement is not None and c.agreement >= gate]
-    for c in list(passing):  # an int8-stem build stays in the running only when faster everywhere than its twin
-        twin = next((t for t in passing if t is not c and t.format == c.format and set(t.excluded) > set(c.excluded)),
-                    None)
+    for c in list(passing):  # the less exact twin stays in the running only when faster everywhere
+        twin = next((t for t in passing if t is not c and t.format == c.format and (
+            (t.per_channel == c.per_channel and set(t.excluded) > set(c.excluded))
+            or (t.per_channel and not c.per_channel and t.excluded == c.excluded))), None)
         if twin is not None and not _faster_everywhere(c, twin):
             passing.remove(c)
     if not passing:
@@ -585,12 +596,14 @@ def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, in
     time them side by side (:func:`_measure`); keep the fastest that passes the gate (:func:`_choose`). When none agrees well enough, the convolutions int8 hurts most are
     left out of quantization (:func:`_float_search`)."""
     formats = list(INT8_FORMATS) if build.cfg.format == "auto" else [build.cfg.format]
-    plans = [(fmt, excluded + stems, fmt) for fmt in formats]
-    plans += [(formats[0], list(excluded), f"{formats[0]}-int8-stem")] if stems else []
+    plans = [(fmt, excluded + stems, fmt, None) for fmt in formats]
+    plans += [(formats[0], list(excluded), f"{formats[0]}-int8-stem", None)] if stems else []
+    if build.cfg.format == "auto" and build.cfg.per_channel:  # onnxruntime's default weight scales, measured too
+        plans += [(formats[0], excluded + stems, f"{formats[0]}-per-tensor", False)]
     candidates, failed = [], []
-    for fmt, nodes, name in plans:
+    for fmt, nodes, name, per_channel in plans:
         try:
-            candidates.append(build(fmt, nodes, name))
+            candidates.append(build(fmt, nodes, name, per_channel))
         except Exception as exc:  # a format onnxruntime cannot build for this graph is reported, not fatal
             failed.append({"name": name, "format": fmt, "error": (str(exc).strip().splitlines() or [type(exc).__name__])[0]})
     if not candidates:
@@ -599,7 +612,8 @@ def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, in
     winner, why = _choose(candidates, build.cfg.min_agreement)
     search = ""
     if winner is None:
-        first = min((c for c in candidates if c.same_as is None), key=_Candidate.score)
+        first = min((c for c in candidates if c.same_as is None and c.per_channel == build.cfg.per_channel),
+                    key=_Candidate.score)
         winner, search = _float_search(build, judge, first, first.excluded, calibration, input_name,
                                        build.cfg.min_agreement)
         if not winner.p50_ms:  # what leaving convolutions out costs, timed beside the fastest candidate
@@ -608,7 +622,8 @@ def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, in
         why = f"{search}; result: {_describe(winner)}"
         candidates += [winner] if all(c is not winner for c in candidates) else []
     if stems:
-        twins = {c.excluded == excluded: c for c in candidates[:len(plans)] if c.format == formats[0]}
+        twins = {c.excluded == excluded: c for c in candidates[:len(plans)]
+                 if c.format == formats[0] and c.per_channel == build.cfg.per_channel}
         if len(twins) == 2 and twins[True].p50_ms:
             where = "int8" if set(stems).isdisjoint(winner.excluded) else "float"
             why += (f"; image stem {', '.join(stems)} in {where}: with it in int8 {_describe(twins[True])}, "
@@ -616,7 +631,8 @@ def _select_int8(build: _Int8Build, judge: Judge, src: Path, input_name: str, in
     why += "; fp32 " + ", ".join(f"{v:.3g} ms at batch {b}" for b, v in fp32_ms.items())
     return Conversion(winner.format, winner.excluded, why, [*(c.as_dict() for c in candidates), *failed], search,
                       {str(b): round(v, 4) for b, v in fp32_ms.items()}, {str(b): round(v, 4) for b, v in
-                      winner.p50_ms.items()}, _slower_warning(winner, fp32_ms), winner.bias_corrected), winner
+                      winner.p50_ms.items()}, _slower_warning(winner, fp32_ms), winner.bias_corrected,
+                      winner.per_channel), winner
 
 
 def _slower_warning(winner: _Candidate, fp32_ms: dict[int, float]) -> str:
@@ -963,6 +979,8 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
                               judge=lambda path: policy.agreement(fp32, load(path, device="cpu"), checks)[0],
                               finish=(lambda path: correct_output_bias(path, model_path, bias)) if bias is not None else None)
         convs = _conv_counts(model_path, tmp)
+        if conversion.per_channel is not None:  # the weight scales the search kept
+            config = replace(config, per_channel=conversion.per_channel)
         model = _record(tmp, config, conversion.kept, model_path.name,
                         {"source": calibration or fp32.info.raw.get("dataset"), "images": len(calib)}
                         if calib is not None else None, _what_was_done(conversion, convs, config))
@@ -980,7 +998,8 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
                           format=conversion.format if config.precision == "int8" else None,
                           format_reason=conversion.reason, candidates=conversion.candidates,
                           fp32_p50_ms=conversion.fp32_p50_ms, int8_p50_ms=conversion.int8_p50_ms,
-                          warning=conversion.warning, bias_corrected_layers=conversion.bias_corrected, **convs)
+                          warning=conversion.warning, bias_corrected_layers=conversion.bias_corrected,
+                          per_channel=config.per_channel if config.precision == "int8" else None, **convs)
 
 
 def _fp32_model(model_path: Path):

@@ -208,9 +208,12 @@ def test_auto_format_is_measured_and_recorded(tiny_mobilenet, tmp_path):
     assert tried == set(INT8_FORMATS)  # every format built (or its failure reported)
     timed = [c for c in report.candidates if c.get("p50_ms")]
     assert timed and all(set(c["p50_ms"]) == {"1", "8"} for c in timed)
-    chosen = [c for c in timed if c["format"] == report.format and c["integer_convs"] == report.integer_convs]
+    assert [c["per_channel"] for c in report.candidates].count(False) == 1  # onnxruntime's default scales, tried
+    chosen = [c for c in timed if c["format"] == report.format and c["integer_convs"] == report.integer_convs
+              and c["per_channel"] == report.per_channel]
     assert chosen and all(c["agreement"] is not None for c in timed)
     q = Engine(report.path, device="cpu").info.raw["quantization"]
+    assert q["per_channel"] is report.per_channel  # the metadata says which scales were kept
     assert q["format"] == report.format and q["format_requested"] == "auto"
     assert q["convolutions"] == {"integer": report.integer_convs, "float": report.float_convs, "total": 52}
     assert q["format_reason"] == report.format_reason and "ms at batch 8" in q["format_reason"]
@@ -293,6 +296,13 @@ def test_an_int8_image_stem_is_kept_only_when_faster_at_every_batch_size(tmp_pat
     floats, stem = pair({1: 0.3, 32: 22.0})
     floats.agreement = 0.97  # only the int8 stem passes the gate: slower, still the one kept
     assert _choose([floats, stem], 0.98)[0] is stem
+    # per-tensor weight scales: the same rule against the per-channel build of the same nodes
+    floats, _ = pair({})
+    tensor = _Candidate("qdq-u8s8-per-tensor", "qdq-u8s8", tmp_path / "c.onnx", ["stem"], agreement=0.985,
+                        p50_ms={1: 0.27, 32: 20.9}, per_channel=False)
+    assert _choose([floats, tensor], 0.98)[0] is floats
+    tensor.p50_ms = {1: 0.27, 32: 20.0}
+    assert _choose([floats, tensor], 0.98)[0] is tensor
 
 
 def test_int8_on_the_cpu_is_not_warned_about_and_on_cuda_would_be(variants):
