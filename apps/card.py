@@ -348,8 +348,11 @@ def _gate(gate: dict | None) -> str | None:
     """The agreement gate a variant passed, in words; None when the file does not record it (older files)."""
     if not gate:
         return None
+    labelled = gate.get("labelled_check")
+    metric = (f"; {labelled['name']} on them: fp32 {labelled['fp32']:.2%}, this variant {labelled['variant']:.2%}"
+              if labelled else "")
     return (f"{gate['agreement']:.2%} {gate.get('agreement_name', '')} on {gate.get('check_inputs')} held-out inputs "
-            f"(threshold {gate.get('min_agreement')}; max |diff| {gate.get('max_abs_diff', float('nan')):.3g})")
+            f"(threshold {gate.get('min_agreement')}; max |diff| {gate.get('max_abs_diff', float('nan')):.3g}{metric})")
 
 
 def _quantized_file(record: dict) -> str:

@@ -393,7 +393,7 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
 def quantize_cmd(model, precision, method, int8_format, batch, calibration, calibration_size, calibration_method,
                  per_channel, keep_fp32, min_agreement, bias_correction, out, data_dir, as_json, **track) -> None:
     """Quantize a dlpipe fp32 MODEL (ONNX file, package folder or manifest) to fp16 or int8; check it against fp32."""
-    from dlpipe.export.quantize import QuantizationConfig, quantize
+    from dlpipe.export.quantize import QuantizationConfig, labelled_text, quantize
 
     config = QuantizationConfig(precision=precision, method=method, format=int8_format, batch=batch,
                                 per_channel=per_channel, calibration_method=calibration_method,
@@ -407,6 +407,8 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
              f"{report.agreement_name} with fp32: {report.agreement:.2%} on {report.check_images} images "
              f"(max |diff| {report.max_abs_diff:.3g})\n{report.conv_summary}\noperators: {ops}\n"
              f"kept in fp32: {', '.join(report.kept_fp32) or 'none'}")
+    if report.labelled_check:
+        human += "\n" + labelled_text(report.labelled_check, report.precision)
     if report.bias_corrected_layers:
         human += f"\nbias correction: {report.bias_corrected_layers} layers matched to fp32's mean outputs"
     measured = [c for c in report.candidates if c.get("p50_ms") or c.get("error") or c.get("same_kernels_as")]

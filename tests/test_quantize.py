@@ -5,6 +5,7 @@ import re
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 from dlpipe.export.quantize import QuantizationConfig, QuantizationError, load_images_for, quantize
 from dlpipe.runtime import Engine, load
@@ -58,6 +59,13 @@ def test_variants_agree_with_fp32_on_real_test_images(variants, mnist_onnx, data
         assert agreement >= (0.995 if name == "fp16" else 0.97), (name, agreement)
         assert abs((pred == labels).mean() - (fp32 == labels).mean()) < 0.02
         assert report.agreement >= 0.97
+        # the check inputs are the model's own test split: their labels are known and its accuracy is reported
+        checked = report.labelled_check
+        n = checked["inputs"]
+        assert n == report.check_images == 256 and checked["name"] == "accuracy"
+        assert checked["fp32"] == pytest.approx((fp32[:n] == labels[:n]).mean())
+        assert checked["variant"] == pytest.approx((pred[:n] == labels[:n]).mean())
+        assert Engine(report.path, device="cpu").info.raw["quantization"]["gate"]["labelled_check"] == checked
 
 
 def test_metadata_records_what_was_done(variants):
@@ -122,6 +130,9 @@ def test_disagreement_fails_and_writes_nothing(mnist_onnx, data_dir, tmp_path):
                  data_dir=data_dir)
     floor = re.search(r"on only ([0-9.]+)%", str(refused.value)).group(1)  # the way out it names fits the figure
     assert f"--min-agreement {int(float(floor)) / 100:.2f}" in str(refused.value)
+    accuracy = re.search(r"accuracy on the 512 labelled check inputs: fp32 ([0-9.]+)%, int8 ([0-9.]+)%",
+                         str(refused.value))
+    assert accuracy and float(accuracy.group(1)) - float(accuracy.group(2)) > 20, str(refused.value)  # its cost
     assert not (tmp_path / "q.onnx").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["blank.npy"]
 
@@ -315,3 +326,21 @@ def test_int8_on_the_cpu_is_not_warned_about_and_on_cuda_would_be(variants):
         assert load(variants["int8"].path, device="cpu").info.precision == "int8"
     assert "fp16 variant" in device_mismatch("cuda", "int8", "m.int8.onnx")
     assert device_mismatch("cpu", "int8", "m.int8.onnx") == device_mismatch("cuda", "fp16", "m.onnx") == ""
+
+
+def test_check_labels_are_known_only_for_the_models_own_classes(mnist_onnx, data_dir, tmp_path):
+    from dlpipe.training.tasks.common import model_labels
+
+    _, labels = load_split("mnist", "test", data_dir, limit=40)
+    assert list(model_labels(mnist_onnx, None, "test", 20, data_dir, 20)) == list(labels[20:40])
+    assert list(model_labels(mnist_onnx, "mnist", "test", 20, data_dir)) == list(labels[:20])
+    assert model_labels(mnist_onnx, "fashion-mnist", "test", 20, data_dir) is None  # other classes
+    np.save(tmp_path / "x.npy", np.zeros((4, 1, 28, 28), np.float32))
+    assert model_labels(mnist_onnx, str(tmp_path / "x.npy"), "test", 4, data_dir) is None
+    for label, name in ((3, "a.png"), (7, "b.png")):  # class folders named as the model's labels
+        (tmp_path / "digits" / str(label)).mkdir(parents=True)
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digits" / str(label) / name)
+    assert list(model_labels(mnist_onnx, str(tmp_path / "digits"), "test", 2, data_dir)) == [3, 7]
+    (tmp_path / "digits" / "cat").mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "digits" / "cat" / "c.png")
+    assert model_labels(mnist_onnx, str(tmp_path / "digits"), "test", 3, data_dir) is None

@@ -28,6 +28,9 @@ from dlpipe.training.registry import OnnxContract
 InputLoader = Callable[[Any, "str | None", str, int, "str | None", int], np.ndarray]
 # Agreement of a variant with fp32: (fp32 predictor, variant predictor, check inputs) -> (share, max |diff|).
 Agreement = Callable[[Any, Any, np.ndarray], "tuple[float, float]"]
+# The labels of what an InputLoader returns for the same arguments, in the model's label order; None where they are
+# not known (an array of inputs, another dataset than the model's, folders that are not the model's classes).
+LabelLoader = Callable[[Any, "str | None", str, int, "str | None", int], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class QuantizationPolicy:
         bias_correct_output: Correct the float output layer's bias for the mean int8 error on the
             calibration inputs (Nagel et al., 2019).
         parts: For packages: ``f(config) -> {part: config}`` (``dataclasses.replace`` of the config).
+        labels: The check inputs' labels, where known: the variant's task metric on them is measured beside
+            the agreement (reported, and named in a refusal), ``labelled_metric(predictor, inputs, labels)``.
+        labelled_metric_name: That metric in words.
     """
 
     inputs: InputLoader
@@ -78,6 +84,9 @@ class QuantizationPolicy:
     keep_fp32_nodes: Callable[[Any], tuple[str, ...]] | None = None
     bias_correct_output: bool = False
     parts: Callable[[Any], dict[str, Any]] | None = None
+    labels: LabelLoader | None = None
+    labelled_metric: Callable[[Any, np.ndarray, np.ndarray], float] | None = None
+    labelled_metric_name: str = "accuracy"
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from dlpipe.training.loop import Metric, TaskRun, TrainConfig, run_supervised, s
 from dlpipe.training.precision import Precision
 from dlpipe.training.registry import ModelSpec
 from dlpipe.training.tasks.base import DemoRow, QuantizationPolicy, Task
-from dlpipe.training.tasks.common import (dataset_info, dataset_samples, model_images, single_graph,
-                                          supervised_command, supervised_summary, top1_agreement)
+from dlpipe.training.tasks.common import (dataset_info, dataset_samples, model_images, model_labels, single_graph,
+                                          supervised_command, supervised_summary, top1_accuracy, top1_agreement)
 
 METRIC = Metric("acc", "accuracy", (("loss", "val_loss"), ("acc", "val_acc")))
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al., 2015)
@@ -192,7 +192,8 @@ TASK = Task(
     name="classification", description="image in, one class out (top-k labels and probabilities)", metric=METRIC,
     data_parallel=True,
     train=train, command=supervised_command(train), summary=supervised_summary(METRIC), graphs=single_graph,
-    quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement),
+    quantization=QuantizationPolicy(inputs=model_images, agreement=top1_agreement, labels=model_labels,
+                                    labelled_metric=top1_accuracy),
     evaluate=evaluate_onnx, plots=report_plots.confusion, predictor=Classifier,
     report=lambda r: f"accuracy {100 * r['acc']:.2f}%",
     demo=DemoRow(model="lenet5", options=dict(dataset="shapes", epochs=8, schedule="onecycle", lr=3e-3,

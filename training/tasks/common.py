@@ -128,6 +128,37 @@ def model_images(model_path, source, split, count, data_dir=None, offset=0) -> n
     return load_images_for(Engine(model_path, device="cpu").info, source, split, count, data_dir, offset)
 
 
+def model_labels(model_path, source, split, count, data_dir=None, offset=0) -> np.ndarray | None:
+    """The class indices, in the model's label order, of the inputs :func:`model_images` returns for the same
+    arguments: the model's own dataset (its split), or a folder whose images sit in class folders named as the
+    model's labels. None where they are not known: an array of inputs, another dataset than the model's (its
+    classes are not the model's), a folder of other names."""
+    from dlpipe.runtime.engine import Engine
+
+    info = Engine(model_path, device="cpu").info
+    if source and Path(source).suffix == ".npy":
+        return None
+    own = info.raw.get("dataset")
+    if source is None and Path(str(own or "")).is_dir():
+        source = own
+    if source and Path(source).is_dir():
+        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        names = [p.parent.name for p in (files[offset:offset + count] or files[:count])]
+        index = {label: i for i, label in enumerate(info.labels)}
+        return np.array([index[n] for n in names]) if names and all(n in index for n in names) else None
+    if (source or own) != own or not own:
+        return None
+    _, labels = datasets.load_split(own, split, data_dir, limit=offset + count)
+    labels = np.asarray(labels[offset:offset + count])
+    return labels if labels.ndim == 1 and len(info.labels) > int(labels.max(initial=0)) else None
+
+
+def top1_accuracy(predictor, inputs: np.ndarray, labels: np.ndarray) -> float:
+    """Share of ``inputs`` whose argmax over the first output's axis 1 is the label."""
+    out = predictor.engine.run({predictor.engine.input_names[0]: inputs})[0]
+    return float((out.argmax(1) == labels).mean())
+
+
 def top1_agreement(fp32, variant, checks: np.ndarray) -> tuple[float, float]:
     """How often the variant's argmax over axis 1 (per pixel for dense outputs) is fp32's, and the
     largest output difference."""
