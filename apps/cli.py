@@ -382,6 +382,9 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
 @click.option("--keep-fp32", multiple=True, help="Operator type to keep in float32 (repeatable).")
 @click.option("--min-agreement", type=float, default=0.98, show_default=True,
               help="Fail when top-1 agreement with fp32 is lower.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 100), default=None, metavar="POINTS",
+              help="Classifiers: also accept a variant below --min-agreement whose accuracy on the labelled check "
+              "images (the model's own test split) is at most POINTS below fp32's.")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="int8 static QDQ: correct each Conv/Gemm bias so its mean output on the calibration images "
               "matches fp32, layer by layer (fine-tuned MobileNetV2: 0.73 -> 0.24 points of accuracy lost).")
@@ -391,14 +394,16 @@ def export_cmd(checkpoint, out, opset, dynamic_batch, exporter, builder, weights
 @DATA_DIR
 @JSON
 def quantize_cmd(model, precision, method, int8_format, batch, calibration, calibration_size, calibration_method,
-                 per_channel, keep_fp32, min_agreement, bias_correction, out, data_dir, as_json, **track) -> None:
+                 per_channel, keep_fp32, min_agreement, max_accuracy_drop, bias_correction, out, data_dir, as_json,
+                 **track) -> None:
     """Quantize a dlpipe fp32 MODEL (ONNX file, package folder or manifest) to fp16 or int8; check it against fp32."""
     from dlpipe.export.quantize import QuantizationConfig, labelled_text, quantize
 
     config = QuantizationConfig(precision=precision, method=method, format=int8_format, batch=batch,
                                 per_channel=per_channel, calibration_method=calibration_method,
                                 calibration_size=calibration_size, keep_fp32=tuple(keep_fp32),
-                                min_agreement=min_agreement, bias_correction=bias_correction)
+                                min_agreement=min_agreement, bias_correction=bias_correction,
+                                max_accuracy_drop=max_accuracy_drop)
     report = quantize(model, out, config, calibration=calibration, data_dir=data_dir)
     ops = ", ".join(f"{k} {v}" for k, v in report.op_counts.items())
     human = (f"wrote {report.path} ({report.precision}{' ' + report.method if report.method else ''}"
@@ -409,6 +414,9 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
              f"kept in fp32: {', '.join(report.kept_fp32) or 'none'}")
     if report.labelled_check:
         human += "\n" + labelled_text(report.labelled_check, report.precision)
+    if report.passed_by == "accuracy":
+        human += (f"\naccepted by --max-accuracy-drop {max_accuracy_drop:g}: agreement below --min-agreement "
+                  f"{min_agreement:g}")
     if report.bias_corrected_layers:
         human += f"\nbias correction: {report.bias_corrected_layers} layers matched to fp32's mean outputs"
     measured = [c for c in report.candidates if c.get("p50_ms") or c.get("error") or c.get("same_kernels_as")]

@@ -63,7 +63,19 @@ COLLECTED: list[tuple[str, str, str, str, Callable[[dict], list[tuple[int, float
      lambda d: [(d["recipe"]["seed"], d["bleu_beam"]["fp32"])]),
     ("dqn-cartpole", "CartPole-v1", "dqn_cartpole.json", "return",
      lambda d: [(r["seed"], r["fp32"]["mean_return"]) for r in d["runs"]]),
+    ("dbn", "mnist", "dbn_default.json", "acc", lambda d: [(r["seed"], r["test_acc"]) for r in d["runs"]]),
+    *((m, "fashion-mnist", "classic_cnns.json", "acc",
+       lambda d, m=m: [(r["seed"], r["test_accuracy"]["fp32"]) for r in d["runs"] if r["model"] == m])
+      for m in ("alexnet", "vgg11", "vgg16", "googlenet")),
 ]
+# Where a benchmark keeps the recipe it trained with, when not under "recipe" (each run's own; the first is
+# compared, and the runs must agree).
+TRAINED_RECIPE: dict[str, Callable[[dict, str], list[dict[str, Any]]]] = {
+    "dbn_default.json": lambda d, m: [r["recipe"] | {"model_args": r["model_args"]} for r in d["runs"]],
+    "classic_cnns.json": lambda d, m: [r["config"] for r in d["runs"] if r["model"] == m],
+}
+# What the no-flag command is, where one command is not the whole of it.
+COMMANDS = {"dbn": "dlpipe train rbm, then dlpipe train dbn --init-from RBM/best.pt"}
 
 
 def readme_claim(model: str, dataset: str, metric: str) -> tuple[float | None, str]:
@@ -107,13 +119,20 @@ def collected() -> list[dict[str, Any]]:
     rows = []
     for model, dataset, file, metric, values in COLLECTED:
         doc = json.loads((RESULTS / file).read_text())
+        measured = values(doc)
+        if not measured:  # a shared benchmark that has not trained this model
+            continue
         registry = _registry_recipe(model, dataset)
-        trained = doc.get("recipe", {})
-        differs = {k: (trained[k], registry[k]) for k in registry if k in trained and trained[k] != registry[k]
-                   and k not in ("model_args", "batch_norm")}
-        rows.append(row(model, dataset, metric, _seeded(values(doc)), f"bench/results/{file}",
+        recipes = TRAINED_RECIPE[file](doc, model) if file in TRAINED_RECIPE else [doc.get("recipe", {})]
+        differs = {}
+        for trained in recipes:
+            differs |= {k: (trained[k], registry[k]) for k in registry if k in trained and trained[k] != registry[k]
+                        and k not in ("model_args", "batch_norm")}
+            differs |= {k: (trained[k], None) for k in ("limit", "test_limit") if trained.get(k)}  # reduced runs
+        extra = {"command": COMMANDS[model]} if model in COMMANDS else {}
+        rows.append(row(model, dataset, metric, _seeded(measured), f"bench/results/{file}",
                         recipe_is_registry_default=not differs if registry else None,
-                        recipe_differences=differs))
+                        recipe_differences=differs, **extra))
     return rows
 
 
