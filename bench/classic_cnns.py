@@ -18,6 +18,8 @@ The JSON is rewritten after every run.
     # some models only, and a run that stopped part-way continued into the same file
     python bench/classic_cnns.py --models googlenet --epochs 4 --json bench/results/classic_cnns_googlenet_4ep.json
     python bench/classic_cnns.py ... --append --models vgg16,googlenet
+    # runs made side by side (one process a core) into one table
+    python bench/classic_cnns.py --merge a.json b.json --json bench/results/classic_cnns.json
 """
 
 from __future__ import annotations
@@ -199,7 +201,17 @@ def main() -> None:
     p.add_argument("--json", default=None, help="result file (default bench/results/classic_cnns.json)")
     p.add_argument("--append", action="store_true", help="keep the runs already in the result file (a run that "
                    "stopped part-way, continued with --models); the settings must be the same")
+    p.add_argument("--merge", nargs="+", default=None, metavar="FILE",
+                   help="combine the runs of these result files (same settings) into --json; trains nothing")
     args = p.parse_args()
+    if args.merge:
+        docs = [json.loads(Path(f).read_text()) for f in args.merge]
+        keys = ("shared_settings", "limit", "test_limit", "threads")
+        if any(tuple(d.get(k) for k in keys) != tuple(docs[0].get(k) for k in keys) for d in docs):
+            sys.exit(f"classic_cnns: {args.merge} were run with different settings ({', '.join(keys)}); merge like with like")
+        args.limit, args.test_limit, args.threads = (docs[0][k] for k in ("limit", "test_limit", "threads"))
+        report([r for d in docs for r in d["runs"]], args, docs[0]["shared_settings"])
+        return
     shared = shared_recipe() | {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
                                                   ("augment", args.augment)) if v is not None}
     runs: list[dict[str, Any]] = []

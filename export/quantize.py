@@ -962,15 +962,17 @@ def _passed_by(agreement: float, config: QuantizationConfig, labelled: dict[str,
 
 
 def _judge(path: Path, fp32, policy: QuantizationPolicy, checks: np.ndarray, labels: np.ndarray | None,
-           config: QuantizationConfig) -> tuple[float, bool]:
+           config: QuantizationConfig, fp32_metric: dict[str, float]) -> tuple[float, bool]:
     """An int8 candidate's agreement with fp32 on the checks and whether the gate accepts it (its labelled metric
-    is measured only when agreement alone does not pass and ``max_accuracy_drop`` is set)."""
+    is measured only when agreement alone does not pass and ``max_accuracy_drop`` is set; fp32's once, kept in
+    ``fp32_metric``)."""
     variant = load(path, device="cpu")
     agreement = policy.agreement(fp32, variant, checks)[0]
     labelled = None
     if agreement < config.min_agreement and config.max_accuracy_drop is not None and labels is not None:
-        labelled = {"fp32": policy.labelled_metric(fp32, checks, labels),
-                    "variant": policy.labelled_metric(variant, checks, labels)}
+        if "fp32" not in fp32_metric:
+            fp32_metric["fp32"] = policy.labelled_metric(fp32, checks, labels)
+        labelled = {"fp32": fp32_metric["fp32"], "variant": policy.labelled_metric(variant, checks, labels)}
     return agreement, _passed_by(agreement, config, labelled) is not None
 
 
@@ -1024,6 +1026,7 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
         if config.calibrated else None
     checks = _check_inputs(policy, model_path, config, calibration, check, check_size, data_dir)
     labels = _check_labels(policy, model_path, config, calibration, check, len(checks), data_dir)
+    fp32_metric: dict[str, float] = {}  # fp32's labelled metric on the checks, measured once when needed
     if config.max_accuracy_drop is not None and labels is None:
         raise InputError(f"--max-accuracy-drop needs labelled check inputs: the model's own dataset, or a folder of "
                          f"class folders named as its labels ('{model_path}' checked on "
@@ -1033,7 +1036,7 @@ def quantize(model_path: str | Path, out: str | Path | None, config: Quantizatio
         bias = calib if calib is not None else policy.inputs(model_path, None, "train", 256, data_dir, 0)
     with atomic_output(out) as tmp:
         conversion = _convert(model_path, tmp, config, calib, task,
-                              judge=lambda path: _judge(path, fp32, policy, checks, labels, config),
+                              judge=lambda path: _judge(path, fp32, policy, checks, labels, config, fp32_metric),
                               finish=(lambda path: correct_output_bias(path, model_path, bias)) if bias is not None else None)
         convs = _conv_counts(model_path, tmp)
         if conversion.per_channel is not None:  # the weight scales the search kept
