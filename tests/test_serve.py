@@ -180,7 +180,10 @@ def test_overload_answers_503_at_once_then_recovers(server):
     refused = [r for r in results if r[0] == 503]
     assert len(refused) >= 6 and all(r[1] for r in refused), results
     assert all(r[0] in (200, 503) for r in results)
-    assert min(r[2] for r in refused) < 0.3
+    # at once: the first refusal comes back before any queued request is answered (each waits its 400 ms delay);
+    # relative, not a wall-clock bound, so a busy 2-core machine slowing both does not fail it
+    accepted = [r for r in results if r[0] == 200]
+    assert accepted and min(r[2] for r in refused) < min(r[2] for r in accepted), results
     assert all(_post(server, "tiny_queue", body).status_code == 200 for _ in range(3))
     counts = metric_samples(server.url, "dlpipe_requests", "tiny_queue")
     assert counts  # outcomes are counted by model
