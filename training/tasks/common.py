@@ -108,10 +108,7 @@ def load_images_for(info: ModelInfo, source: str | None, split: str, count: int,
     if source is None and Path(str(info.raw.get("dataset") or "")).is_dir():
         source = info.raw["dataset"]  # fine-tuned on an image folder: calibrate on it
     if source and Path(source).is_dir():
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise InputError(f"calibration folder '{source}' holds no PNG/JPEG/BMP images")
-        return preprocess(files[offset:offset + count] or files[:count], info.preprocessing)
+        return preprocess(_folder_images(source, count, offset), info.preprocessing)
     if source and ("/" in source or Path(source).suffix):
         raise InputError(f"calibration source '{source}' does not exist")
     dataset = source or info.raw.get("dataset")
@@ -119,6 +116,15 @@ def load_images_for(info: ModelInfo, source: str | None, split: str, count: int,
         raise InputError("the model does not name its dataset; pass --calibration DATASET|FOLDER|FILE.npy")
     images, _ = datasets.load_split(dataset, split, data_dir, limit=offset + count)
     return preprocess(list(images[offset:offset + count]), info.preprocessing)
+
+
+def _folder_images(folder: str, count: int, offset: int) -> list[Path]:
+    """The image files of ``folder`` (recursively, sorted) that calibration or checks read: ``count`` from
+    ``offset``, or the first ``count`` when the folder holds no more than ``offset``."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"calibration folder '{folder}' holds no PNG/JPEG/BMP images")
+    return files[offset:offset + count] or files[:count]
 
 
 def model_images(model_path, source, split, count, data_dir=None, offset=0) -> np.ndarray:
@@ -142,8 +148,7 @@ def model_labels(model_path, source, split, count, data_dir=None, offset=0) -> n
     if source is None and Path(str(own or "")).is_dir():
         source = own
     if source and Path(source).is_dir():
-        files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        names = [p.parent.name for p in (files[offset:offset + count] or files[:count])]
+        names = [p.parent.name for p in _folder_images(source, count, offset)]
         index = {label: i for i, label in enumerate(info.labels)}
         return np.array([index[n] for n in names]) if names and all(n in index for n in names) else None
     if (source or own) != own or not own:
