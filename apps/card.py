@@ -360,6 +360,7 @@ def _quantized_file(record: dict) -> str:
     convs = record.get("convolutions") or {}
     calibration = record.get("calibration") or {}
     int8 = record.get("precision") == "int8"
+    cpu = record.get("cpu") if isinstance(record.get("cpu"), dict) else {}
     rows = [["method", record.get("method") if int8 else None],
             ["format", record.get("format")], ["format asked for", record.get("format_requested")],
             ["why this format", record.get("format_reason")],
@@ -370,6 +371,7 @@ def _quantized_file(record: dict) -> str:
             ["convolutions", f"{convs['integer']} of {convs['total']} run as integer kernels "
                              f"({convs['float']} in float), in onnxruntime's optimized graph on the machine that "
                              "quantized" if convs else None],
+            ["quantized on", f"{cpu.get('model')} ({cpu.get('int8_isa')} int8 kernels)" if cpu else None],
             *([f"p50 ms at batch {b}: fp32 vs {record['precision']}", f"{v} vs {record['int8_p50_ms'].get(b)}"]
               for b, v in (record.get("fp32_p50_ms") or {}).items()),
             ["agreement with fp32 (gate)", _gate(record.get("gate"))],

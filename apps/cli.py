@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -30,10 +31,24 @@ class DlpipeGroup(click.Group):
     """Click group that turns user-facing errors into one line and a non-zero exit, never a traceback."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except DlpipeError as exc:
-            raise CommandError(exc) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except DlpipeError as exc:
+                raise CommandError(exc) from None
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """dlpipe's own warnings (an int8 file on CUDA or on another kind of CPU) as one ``dlpipe: warning:`` line;
+    other libraries' as Python shows them."""
+    if category.__module__.startswith("dlpipe."):
+        click.echo(f"dlpipe: warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _ints(text: str) -> list[int]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, write_result  # noqa: E402
+from common import RESULTS, machine, write_result  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from dlpipe.apps.output import table  # noqa: E402
@@ -138,6 +138,7 @@ def run_one(model: str, seed: int, args: argparse.Namespace, shared: dict[str, A
     return {"model": model, "seed": seed, "pytorch_test_acc": result["test_acc"],
             "best_val_acc": result["best_val_score"], "train_seconds": round(result["train_seconds"], 1),
             "train_images_per_s": statistics.median(speeds), "config": ckpt["config"],
+            "machine": machine(),  # runs merged from several machines keep their own (timings differ)
             **measure_cost(ckpt), **deploy(result["best"], out, args)}
 
 
@@ -157,6 +158,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                       "int8_points": mean(lambda r: r["points_change"]["int8"]),
                       "params": mine[0]["params"], "inference_params": mine[0]["inference_params"],
                       "mflops": mine[0]["mflops"], "train_images_per_s": mean(lambda r: r["train_images_per_s"]),
+                      # where the timings were taken (runs merged from several machines)
+                      "avx512_vnni": sorted({bool((r.get("machine") or {}).get("avx512_vnni")) for r in mine}),
                       **{f"{p}_b{b}_ms": mean(lambda r, p=p, b=b: r["latency_ms"][p][f"b{b}"])
                          for p in ("fp32", "int8") for b in (1, 64)}}
     return out
@@ -210,6 +213,9 @@ def main() -> None:
         if any(tuple(d.get(k) for k in keys) != tuple(docs[0].get(k) for k in keys) for d in docs):
             sys.exit(f"classic_cnns: {args.merge} were run with different settings ({', '.join(keys)}); merge like with like")
         args.limit, args.test_limit, args.threads = (docs[0][k] for k in ("limit", "test_limit", "threads"))
+        for d in docs:  # runs from before the per-run machine was recorded: their file's
+            for r in d["runs"]:
+                r.setdefault("machine", d.get("machine"))
         report([r for d in docs for r in d["runs"]], args, docs[0]["shared_settings"])
         return
     shared = shared_recipe() | {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),

@@ -17,14 +17,13 @@ def machine() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    flags = ""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        pass
+    from dlpipe.runtime.cpu import cpu_info
+
+    cpu = cpu_info()
     return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
-            "avx512_vnni": "avx512_vnni" in flags, "torch_threads": torch.get_num_threads()}
+            "torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__, "cpu": cpu["model"],
+            "int8_isa": cpu["int8_isa"], "avx512_vnni": cpu["int8_isa"] in ("avx512_vnni", "amx_int8"),
+            "torch_threads": torch.get_num_threads()}
 
 
 def write_result(name: str, payload: dict[str, Any], out: str | None = None) -> Path:

@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from dlpipe.runtime.cpu import tuned_elsewhere
 from dlpipe.runtime.errors import DeviceUnavailableError, InputError, ModelFileError
 from dlpipe.runtime.metadata import ModelInfo, info_from_session
 
@@ -81,6 +82,11 @@ def _preload_cuda_libraries() -> bool:
 
 class PrecisionWarning(UserWarning):
     """A model runs on a device its precision was not built for (it runs, but slower or less exactly)."""
+
+
+class CpuMismatchWarning(UserWarning):
+    """An int8 model runs on another kind of CPU than the one its format was chosen on (it runs, but its format
+    may not be this CPU's fastest: see :mod:`dlpipe.runtime.cpu`)."""
 
 
 def device_mismatch(device: str, precision: str, path: Path | str) -> str:
@@ -150,6 +156,10 @@ class Engine:
         mismatch = device_mismatch(self.device, self.info.precision if self.info else "", self.path)
         if mismatch:
             warnings.warn(mismatch, PrecisionWarning, stacklevel=2)
+        elif self.device == "cpu" and self.info and self.info.precision == "int8":
+            elsewhere = tuned_elsewhere(self.info.raw.get("quantization"), self.path)
+            if elsewhere:
+                warnings.warn(elsewhere, CpuMismatchWarning, stacklevel=2)
         # A run that fails comes back as an InputError; onnxruntime's own log line would only repeat it.
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4

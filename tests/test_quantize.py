@@ -41,7 +41,7 @@ def test_int8_static_structure(variants):
     ops, model = _ops(variants["int8"].path)
     assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 6
     # per-channel: C3's weight scale has one entry per output channel; per-tensor scales (which the auto search
-    # keeps when they pass the gate and run faster at every batch size) have none; the metadata says which
+    # keeps when they pass the gate and are worth their cost in speed) have none; the metadata says which
     per_channel = variants["int8"].per_channel
     assert Engine(variants["int8"].path, device="cpu").info.raw["quantization"]["per_channel"] is per_channel
     scales = [t for t in model.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1 and t.dims[0] == 16]
@@ -288,9 +288,10 @@ def test_cli_quantize_takes_no_bias_correction(mnist_onnx, data_dir, tmp_path):
     assert Engine(out, device="cpu").info.raw["quantization"]["bias_correction"] is False
 
 
-def test_an_int8_image_stem_is_kept_only_when_faster_at_every_batch_size(tmp_path):
+def test_an_int8_image_stem_is_kept_only_when_faster_at_the_largest_batch_and_not_much_slower_elsewhere(tmp_path):
     """The stem twin with the faster geometric mean but a slower batch-32 time loses: batch 1 alone must not
-    decide (on this CPU an int8 one-channel stem was 30% faster at batch 1 and 4x slower at batch 64)."""
+    decide (on an AVX2 CPU an int8 one-channel stem was 30% faster at batch 1 and 4x slower at batch 64). One
+    faster at batch 32 wins unless more than 10% slower at batch 1."""
     from dlpipe.export.quantize import _Candidate, _choose
 
     def choose(*candidates):  # the gate at 98% agreement, as the judge would mark them
@@ -310,6 +311,10 @@ def test_an_int8_image_stem_is_kept_only_when_faster_at_every_batch_size(tmp_pat
     assert choose(floats, stem)[0] is floats
     floats, stem = pair({1: 0.25, 32: 18.0})
     assert choose(floats, stem)[0] is stem
+    floats, stem = pair({1: 0.30, 32: 18.0})  # 7% slower at batch 1 (MobileNetV2's measured case): kept
+    assert choose(floats, stem)[0] is stem
+    floats, stem = pair({1: 0.32, 32: 18.0})  # 14% slower at batch 1
+    assert choose(floats, stem)[0] is floats
     floats, stem = pair({1: 0.25, 32: 18.0}, agreement=0.95)  # faster, but below the gate
     assert choose(floats, stem)[0] is floats
     floats, stem = pair({1: 0.3, 32: 22.0})
@@ -334,6 +339,53 @@ def test_int8_on_the_cpu_is_not_warned_about_and_on_cuda_would_be(variants):
         assert load(variants["int8"].path, device="cpu").info.precision == "int8"
     assert "fp16 variant" in device_mismatch("cuda", "int8", "m.int8.onnx")
     assert device_mismatch("cpu", "int8", "m.int8.onnx") == device_mismatch("cuda", "fp16", "m.onnx") == ""
+
+
+def test_int8_says_which_cpu_chose_its_format_and_warns_on_another_kind(variants, tmp_path):
+    """The auto format search times candidates on the quantizing CPU: the file records that CPU, and opening it
+    on a CPU with other integer instructions warns (a named format, or the same CPU, does not)."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from dlpipe.apps.cli import cli
+    from dlpipe.export.metadata import write_metadata
+    from dlpipe.runtime.cpu import INT8_ISAS, cpu_info
+    from dlpipe.runtime.engine import CpuMismatchWarning
+
+    here = cpu_info()
+    recorded = Engine(variants["int8"].path, device="cpu").info.raw["quantization"]
+    assert recorded["cpu"] == here and recorded["format_requested"] == "auto"
+    assert here["int8_isa"] in (*INT8_ISAS, "none", "unknown")
+
+    def opened_with(cpu, requested="auto"):
+        model = onnx.load(str(variants["int8"].path))
+        doc = Engine(variants["int8"].path, device="cpu").info.raw
+        doc["quantization"].update(cpu=cpu, format_requested=requested)
+        write_metadata(model, doc)
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}.onnx"
+        onnx.save(model, str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Engine(path, device="cpu")
+        opened_with.path = path
+        return [str(w.message) for w in caught if issubclass(w.category, CpuMismatchWarning)]
+
+    other = "avx2" if here["int8_isa"] != "avx2" else "avx512_vnni"
+    told = opened_with({"model": "Some Other CPU", "int8_isa": other})
+    if here["int8_isa"] == "unknown":
+        assert told == []  # nothing to compare with
+    else:
+        assert len(told) == 1 and other in told[0] and "Some Other CPU" in told[0] and "dlpipe quantize" in told[0]
+        # the command line says it in one line, and the model card names the CPU
+        result = CliRunner().invoke(cli, ["card", str(opened_with.path), "--out", "-"])
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.stderr.splitlines() if "Some Other CPU" in line]
+        assert len(warned) == 1 and warned[0].startswith("dlpipe: warning: ")
+        assert f"Some Other CPU ({other} int8 kernels)" in result.stdout
+    assert opened_with(here) == []
+    assert opened_with({"model": "Some Other CPU", "int8_isa": other}, requested="qdq-u8s8") == []
+    assert opened_with(None) == []  # files quantized before the CPU was recorded
 
 
 def test_check_labels_are_known_only_for_the_models_own_classes(mnist_onnx, data_dir, tmp_path):
