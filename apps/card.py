@@ -19,7 +19,7 @@ from dlpipe.runtime.captioner import is_package, read_manifest
 from dlpipe.runtime.engine import Engine
 from dlpipe.runtime.errors import InputError, ModelFileError, UsageError
 from dlpipe.runtime.files import atomic_output
-from dlpipe.runtime.formats import QUANTIZED, variant_path
+from dlpipe.runtime.formats import QUANTIZED, labelled_text, variant_path
 from dlpipe.runtime.metadata import ModelInfo
 from dlpipe.runtime.predictors import PACKAGES, PREDICTORS
 
@@ -344,15 +344,17 @@ def _latency(stats: list[dict]) -> str:
                     _table(["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "items/s"], rows), noisy)
 
 
-def _gate(gate: dict | None) -> str | None:
+def _gate(gate: dict | None, precision: str = "variant") -> str | None:
     """The agreement gate a variant passed, in words; None when the file does not record it (older files)."""
     if not gate:
         return None
     labelled = gate.get("labelled_check")
-    metric = (f"; {labelled['name']} on them: fp32 {labelled['fp32']:.2%}, this variant {labelled['variant']:.2%}"
-              if labelled else "")
+    metric = f"; {labelled_text(labelled, precision)}" if labelled else ""
+    passed = (f"; passed on accuracy: within --max-accuracy-drop {gate.get('max_accuracy_drop')} points of fp32's"
+              if gate.get("passed_by") == "accuracy" else "")
     return (f"{gate['agreement']:.2%} {gate.get('agreement_name', '')} on {gate.get('check_inputs')} held-out inputs "
-            f"(threshold {gate.get('min_agreement')}; max |diff| {gate.get('max_abs_diff', float('nan')):.3g}{metric})")
+            f"(threshold {gate.get('min_agreement')}; max |diff| {gate.get('max_abs_diff', float('nan')):.3g}"
+            f"{metric}{passed})")
 
 
 def _quantized_file(record: dict) -> str:
@@ -374,7 +376,7 @@ def _quantized_file(record: dict) -> str:
             ["quantized on", f"{cpu.get('model')} ({cpu.get('int8_isa')} int8 kernels)" if cpu else None],
             *([f"p50 ms at batch {b}: fp32 vs {record['precision']}", f"{v} vs {record['int8_p50_ms'].get(b)}"]
               for b, v in (record.get("fp32_p50_ms") or {}).items()),
-            ["agreement with fp32 (gate)", _gate(record.get("gate"))],
+            ["agreement with fp32 (gate)", _gate(record.get("gate"), record.get("precision") or "variant")],
             ["warning", record.get("warning") or None], ["quantized from", record.get("source")]]
     parts = [_table(["", "value"], [r for r in rows if r[1] not in (None, "")])]
     if record.get("candidates"):

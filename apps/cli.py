@@ -412,7 +412,8 @@ def quantize_cmd(model, precision, method, int8_format, batch, calibration, cali
                  per_channel, keep_fp32, min_agreement, max_accuracy_drop, bias_correction, out, data_dir, as_json,
                  **track) -> None:
     """Quantize a dlpipe fp32 MODEL (ONNX file, package folder or manifest) to fp16 or int8; check it against fp32."""
-    from dlpipe.export.quantize import QuantizationConfig, labelled_text, quantize
+    from dlpipe.export.quantize import QuantizationConfig, quantize
+    from dlpipe.runtime.formats import labelled_text
 
     config = QuantizationConfig(precision=precision, method=method, format=int8_format, batch=batch,
                                 per_channel=per_channel, calibration_method=calibration_method,

@@ -27,7 +27,7 @@ from dlpipe.runtime.cpu import cpu_info
 from dlpipe.runtime.engine import GRAPH_OPTIMIZATION, Engine
 from dlpipe.runtime.errors import DlpipeError, InputError, ModelFileError
 from dlpipe.runtime.files import atomic_output, write_json
-from dlpipe.runtime.formats import QUANTIZED, variant_path
+from dlpipe.runtime.formats import QUANTIZED, labelled_text, variant_path
 from dlpipe.runtime.predictors import load
 from dlpipe.training.tasks import QuantizationPolicy, Task, get_task
 from dlpipe.training.tasks.common import load_images_for
@@ -961,13 +961,6 @@ def _what_was_done(conversion: Conversion, convs: dict[str, Any], config: Quanti
             "convolutions": {"integer": convs["integer_convs"], "float": convs["float_convs"], "total": convs["convs"]},
             # the CPU the format was timed on: the runtime warns when the file runs on another kind
             "cpu": cpu_info() if config.precision == "int8" else None}
-
-
-def labelled_text(labelled: dict[str, Any], precision: str) -> str:
-    """``accuracy on the 512 labelled check inputs: fp32 99.02%, int8 98.98% (-0.04 points)``."""
-    change = 100 * (labelled["variant"] - labelled["fp32"])
-    return (f"{labelled['name']} on the {labelled['inputs']} labelled check inputs: fp32 {labelled['fp32']:.2%}, "
-            f"{precision} {labelled['variant']:.2%} ({change:+.2f} points)")
 
 
 def _passed_by(agreement: float, config: QuantizationConfig, labelled: dict[str, Any] | None) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,10 @@ def variant_path(path: str | Path, precision: str) -> Path:
     """Default file of a variant: ``model.onnx`` -> ``model.fp16.onnx``."""
     path = Path(path)
     return path.with_name(path.stem + PRECISIONS[precision].suffix + path.suffix)
+
+
+def labelled_text(labelled: dict[str, Any], precision: str) -> str:
+    """``accuracy on the 512 labelled check inputs: fp32 99.02%, int8 98.98% (-0.04 points)``."""
+    change = 100 * (labelled["variant"] - labelled["fp32"])
+    return (f"{labelled['name']} on the {labelled['inputs']} labelled check inputs: fp32 {labelled['fp32']:.2%}, "
+            f"{precision} {labelled['variant']:.2%} ({change:+.2f} points)")

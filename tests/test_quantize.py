@@ -409,6 +409,7 @@ def test_check_labels_are_known_only_for_the_models_own_classes(mnist_onnx, data
 def test_max_accuracy_drop_accepts_what_agreement_refuses_only_within_the_drop(mnist_onnx, data_dir, tmp_path):
     from click.testing import CliRunner
 
+    from dlpipe.apps.card import model_card
     from dlpipe.apps.cli import cli
 
     strict = QuantizationConfig("int8", format="qdq-u8s8", calibration_size=64, min_agreement=1.0,
@@ -419,6 +420,9 @@ def test_max_accuracy_drop_accepts_what_agreement_refuses_only_within_the_drop(m
     assert report.passed_by == ("agreement" if report.agreement == 1.0 else "accuracy")
     gate = Engine(report.path, device="cpu").info.raw["quantization"]["gate"]
     assert gate["passed_by"] == report.passed_by and gate["max_accuracy_drop"] == 2.0
+    card = model_card(report.path)  # the card says what the variant was accepted on
+    assert f"int8 {checked['variant']:.2%}" in card and f"fp32 {checked['fp32']:.2%}" in card
+    assert ("passed on accuracy: within --max-accuracy-drop 2.0 points" in card) == (report.passed_by == "accuracy")
     # blank calibration: int8 loses tens of points, which no small drop accepts; nothing is written
     np.save(tmp_path / "blank.npy", np.zeros((16, 1, 28, 28), np.float32))
     blank = QuantizationConfig("int8", calibration_size=16, per_channel=False, max_accuracy_drop=5.0)
