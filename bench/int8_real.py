@@ -18,7 +18,7 @@ plain setting with dlpipe's weight granularity.
 Targets: dlpipe int8 >= 2.5x fp32 at batch 32 on MobileNetV2 and never slower than the best plain setting;
 fp32 >= 3x eager at batch 1; deep_convnet int8 >= 2x fp32 at batch 64.
 
-    python bench/int8_real.py --data-dir ../shared/data            # ~4 min on 2 quiet cores, ~8 busy
+    python bench/int8_real.py --data-dir ../shared/data            # 13 min on 2 quiet cores (AVX-512 VNNI EPYC, 2026-12-07)
 """
 
 from __future__ import annotations
