@@ -2,7 +2,7 @@
 
 The int8 format search (``dlpipe quantize --to int8 --format auto``) keeps the format that runs fastest on the
 machine that quantizes, and what runs fastest depends on these instructions: with AVX-512 VNNI onnxruntime
-fuses U8S8 QDQ convolutions and leaves S8S8 ones in float; on an AVX2-only CPU it fuses both (measured on the
+fuses U8S8 QDQ convolutions and leaves S8S8 depthwise ones in float; on an AVX2-only CPU it fuses both (measured on the
 two machines of the README's Benchmarks section). A quantized file records the CPU it was tuned on
 (``quantization.cpu`` in its metadata) so that a file run on another kind of CPU can say so.
 """
@@ -18,10 +18,15 @@ from typing import Any
 INT8_ISAS = ("amx_int8", "avx512_vnni", "avx_vnni", "avx512bw", "avx2", "asimddp", "neon", "asimd")
 
 
-@lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
     """``{"model": "AMD EPYC ...", "int8_isa": "avx2"}``: the CPU's name and the best of :data:`INT8_ISAS` it
-    has (``"unknown"`` where /proc/cpuinfo cannot be read, as on macOS or Windows)."""
+    has (``"unknown"`` where /proc/cpuinfo cannot be read, as on macOS or Windows). A new dict each call: callers
+    put it in metadata."""
+    return dict(_read_cpu())
+
+
+@lru_cache(maxsize=1)
+def _read_cpu() -> dict[str, Any]:
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
