@@ -55,11 +55,12 @@ TIMING_BUDGET_S = 0.6
 TIMING_ITERS = (12, 60)
 # Rest between two candidates' blocks of calls: onnxruntime's intra-op threads spin some 50 ms after a session's
 # last call, and bill it to the next session's calls (measured on 2 cores, resnet_small at batch 64: after a
-# 10 ms rest the first 50 ms of calls ran 1.7-2x slower, fp32 23 ms instead of 12.5; after 50 ms or more, none).
+# 10 ms rest the first 50 ms of calls ran 1.7-2x slower, fp32 23 ms instead of 12.5; after 50 ms or more, none;
+# MobileNetV2 at batch 4 in bench/results/int8_timing.json: the first call 1.6-1.8x after 0-10 ms, 1.03x after 50).
 TIMING_PAUSE_S = 0.1
 # A less exact twin (int8 image stem, per-tensor weight scales) may be this much slower at a smaller batch size
-# than the largest timed, where it must be faster (MobileNetV2's int8 stem: 15% faster at batch 32, 5% slower at
-# batch 1, bench/results/int8_real.json).
+# than the largest timed, where it must be faster (MobileNetV2's int8 stem on the AVX-512 VNNI EPYC, the median
+# of 5 side-by-side comparisons: 8% faster at batch 32, 3.5% slower at batch 1; bench/results/int8_timing.json).
 TWIN_SLOWER_LIMIT = 1.10
 CALIBRATION_STRIDE = 32  # calibration inputs per collection (memory; see _calibrate)
 ENTROPY_BINS = 512  # histogram bins for entropy calibration (128 quantized bins, onnxruntime's default)
