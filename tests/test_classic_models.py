@@ -137,6 +137,21 @@ def test_alexnet_keeps_its_large_kernel_stem_lrn_and_dropout():
     assert half == [c.out_channels // 2 for c in convs]
 
 
+@pytest.mark.parametrize("size", [5, 4])
+def test_alexnet_lrn_matches_pytorchs_in_value_and_gradient(size):
+    """The LRN's banded-convolution window sum is PyTorch's formula, zero padding at the ends included."""
+    from dlpipe.training.models.classic import LocalResponseNorm
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 7, 5, 6) * 4).requires_grad_()
+    ours, theirs = LocalResponseNorm(size, alpha=0.5, beta=0.75, k=2.0), nn.LocalResponseNorm(size, 0.5, 0.75, 2.0)
+    weights = torch.randn(3, 7, 5, 6)
+    got, = torch.autograd.grad((ours(x) * weights).sum(), x)
+    want, = torch.autograd.grad((theirs(x) * weights).sum(), x)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name, convs", [("vgg11", 8), ("vgg16", 13)])
 def test_vgg_is_stacks_of_3x3_convolutions(name, convs):
     model = _build(name)
