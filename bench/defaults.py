@@ -41,7 +41,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 TEST_KEY = {"captioner": "test_beam_bleu"}
 # How the README writes each task's figure (the first match in the row's "figure reached" cell).
 CLAIM_PATTERNS = {"acc": r"([0-9]+\.[0-9]+)%", "miou": r"mean IoU ([0-9.]+)", "map50": r"mAP@0\.5 ([0-9.]+)",
-                  "bleu": r"BLEU-4 ([0-9.]+)", "return": r"mean return ([0-9.]+)"}
+                  "bleu": r"BLEU-4 ([0-9.]+)", "return": r"mean return ([0-9.]+)",
+                  "psnr": r"PSNR ([0-9.]+) dB"}
 
 
 def _seeded(values: list[tuple[int, float]]) -> dict[str, Any]:
@@ -150,6 +151,8 @@ def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir
                                        out=str(out / f"{model}_{dataset}_s{seed}"), progress=False))
             values.append((seed, result[key]))
             runs.append({"seed": seed, "value": result[key],
+                         "test": {k: v for k, v in result.items() if k.startswith("test_") and k != key
+                                  and isinstance(v, (int, float))},
                          "train_seconds": round(result["train_seconds"], 1),
                          "train_cpu_seconds": round(result["train_cpu_seconds"], 1)})
             print(f"{model} {dataset} seed {seed}: {metric} {values[-1][1]:.4f} in {runs[-1]['train_seconds']:.0f} s",

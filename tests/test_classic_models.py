@@ -137,6 +137,30 @@ def test_alexnet_keeps_its_large_kernel_stem_lrn_and_dropout():
     assert half == [c.out_channels // 2 for c in convs]
 
 
+@pytest.mark.parametrize("name", [n for n in list_models() if get_spec(n).channels_last])
+def test_models_trained_channels_last_compute_what_they_compute_in_nchw(name):
+    """A model the loop trains in the channels-last layout (its spec says so) gives the same outputs and
+    gradients as in the default layout: the layout is a speed choice, not a different model. In float64, since
+    in float32 the sums' other order, through train-mode batch norm over a few images, moves GoogLeNet's
+    gradients by up to a few percent (float64: 1e-13)."""
+    x, y = torch.randn(6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (6,))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = _build(name).double().train().to(memory_format=layout)
+        torch.manual_seed(1)  # the same dropout masks
+        out = model(x)
+        loss, _ = classification_loss(out, y)
+        loss.backward()
+        logits = out[0] if isinstance(out, tuple) else out
+        results.append((logits.detach(), {k: p.grad for k, p in model.named_parameters()}))
+    (nchw, nchw_grads), (nhwc, nhwc_grads) = results
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in _build(name).to(memory_format=torch.channels_last).parameters())
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-9, atol=1e-10)
+    for k, grad in nchw_grads.items():
+        assert (nhwc_grads[k] - grad).norm() <= 1e-9 * grad.norm() + 1e-12, k
+
+
 @pytest.mark.parametrize("size", [5, 4])
 def test_alexnet_lrn_matches_pytorchs_in_value_and_gradient(size):
     """The LRN's banded-convolution window sum is PyTorch's formula, zero padding at the ends included."""
@@ -242,6 +266,8 @@ def test_cli_trains_alexnet_on_shapes_then_exports_and_quantizes(tmp_path):
         "--model-arg", "width=0.25", "--model-arg", "hidden=256")  # a narrower AlexNet: the test's time
     summary = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert summary["val_acc"] > 1 / len(KINDS), summary  # better than chance after one short epoch
+    stem = torch.load(out / "last.pt", weights_only=False)["state_dict"]["features.0.weight"]
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()  # trained NHWC
     run("export", out / "best.pt", "--out", tmp_path / "a.onnx")
     for precision in ("fp16", "int8"):
         result = run("quantize", tmp_path / "a.onnx", "--to", precision, "--calibration-size", 64,

@@ -462,6 +462,8 @@ def _run_supervised(cfg: TrainConfig, prepare: Callable[[TrainConfig, ModelSpec]
     started, cpu_started = time.perf_counter(), time.process_time()
     run = prepare(cfg, spec)
     model, model_args = build_model(spec, run.model_args, cfg.model_args)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     init_weights(model, cfg.init)
     if cfg.init_from and not cfg.resume:
         load_matching(model, cfg.init_from)

@@ -293,4 +293,5 @@ for _name, _builder, _description in [
     ("googlenet", googlenet, "GoogLeNet (inception modules; auxiliary classifiers in training only), width x0.25"),
 ]:
     register_model(ModelSpec(name=_name, task="classification", builder=_builder, default_dataset="fashion-mnist",
-                             contract=CLASSIC_CONTRACT, recipe=CLASSIC_RECIPE, description=_description))
+                             contract=CLASSIC_CONTRACT, recipe=CLASSIC_RECIPE, description=_description,
+                             channels_last=True))

@@ -202,4 +202,5 @@ for _name, _builder, _recipe, _description in [
      "small ResNet, 3 stages of residual blocks"),
 ]:
     register_model(ModelSpec(name=_name, task="classification", builder=_builder, default_dataset="mnist",
-                             contract=CLASSIFIER_CONTRACT, recipe=_recipe, description=_description))
+                             contract=CLASSIFIER_CONTRACT, recipe=_recipe, description=_description,
+                             channels_last=_name in ("deep_convnet", "resnet_small")))
