@@ -76,7 +76,8 @@ TRAINED_RECIPE: dict[str, Callable[[dict, str], list[dict[str, Any]]]] = {
     "classic_cnns.json": lambda d, m: [r["config"] for r in d["runs"] if r["model"] == m],
 }
 # What the no-flag command is, where one command is not the whole of it.
-COMMANDS = {"dbn": "dlpipe train rbm, then dlpipe train dbn --init-from RBM/best.pt"}
+COMMANDS = {"dbn": "dlpipe train rbm, then dlpipe train dbn --init-from RBM/best.pt",
+            "ae_classifier": "dlpipe train dae, then dlpipe train ae_classifier --init-from DAE/best.pt"}
 
 
 def readme_claim(model: str, dataset: str, metric: str) -> tuple[float | None, str]:
@@ -138,7 +139,7 @@ def collected() -> list[dict[str, Any]]:
 
 
 def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir: str | None, out: Path,
-               path: Path) -> list[dict[str, Any]]:
+               path: Path, init_from: str | None = None) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     for pair in pairs:
         model, _, dataset = pair.partition(":")
@@ -147,10 +148,12 @@ def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir
         key = TEST_KEY.get(model, f"test_{metric}")
         values, runs = [], []
         for seed in seeds:
+            source = init_from.format(seed=seed) if init_from else None
             result = train(TrainConfig(model=model, dataset=dataset, seed=seed, threads=threads, data_dir=data_dir,
-                                       out=str(out / f"{model}_{dataset}_s{seed}"), progress=False))
+                                       out=str(out / f"{model}_{dataset}_s{seed}"), progress=False,
+                                       init_from=source))
             values.append((seed, result[key]))
-            runs.append({"seed": seed, "value": result[key],
+            runs.append({"seed": seed, "value": result[key], **({"init_from": source} if source else {}),
                          "test": {k: v for k, v in result.items() if k.startswith("test_") and k != key
                                   and isinstance(v, (int, float))},
                          "train_seconds": round(result["train_seconds"], 1),
@@ -158,7 +161,8 @@ def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir
             print(f"{model} {dataset} seed {seed}: {metric} {values[-1][1]:.4f} in {runs[-1]['train_seconds']:.0f} s",
                   flush=True)
             rows[pair] = row(model, dataset, metric, _seeded(values), "trained by bench/defaults.py", runs=runs,
-                             recipe=_registry_recipe(model, dataset), threads=threads)
+                             recipe=_registry_recipe(model, dataset), threads=threads,
+                             **({"command": COMMANDS[model]} if model in COMMANDS else {}))
             write_result("defaults", {"rows": list(rows.values())}, str(path))
     return list(rows.values())
 
@@ -181,7 +185,8 @@ def merge(files: list[str]) -> list[dict[str, Any]]:
         runs = sorted(r["runs"], key=lambda x: x["seed"])
         values = [(x["seed"], x["value"]) for x in runs]
         rows.append(row(model, dataset, r["metric"], _seeded(values), "trained by bench/defaults.py", runs=runs,
-                        recipe=r["recipe"], threads=r["threads"]))
+                        recipe=r["recipe"], threads=r["threads"],
+                        **({"command": COMMANDS[model]} if model in COMMANDS else {})))
     return rows
 
 
@@ -210,6 +215,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--init-from", default=None, metavar="PATH",
+                   help="checkpoint each run starts from ({seed} is replaced by the run's seed), for the models "
+                        "whose no-flag command needs one (ae_classifier: a dae's best.pt)")
     p.add_argument("--runs", default="runs/bench_defaults", help="training output folders")
     p.add_argument("--merge", nargs="*", default=None, help="result files of --train runs to combine")
     p.add_argument("--json", default=None, help="result file (default bench/results/defaults.json)")
@@ -219,7 +227,7 @@ def main() -> None:
         trained = merge(args.merge)
     else:
         trained = train_rows(args.train, [int(s) for s in args.seeds.split(",")], args.threads, args.data_dir,
-                             Path(args.runs), path)
+                             Path(args.runs), path, args.init_from)
     rows = combine(trained + collected())
     write_result("defaults", {"rows": rows, "gaps": [f"{r['model']}:{r['dataset']}" for r in rows if r["gap"]]},
                  str(path))

@@ -126,9 +126,10 @@ class ModelSpec:
         description: One line for ``dlpipe models``.
         defaults: Builder keyword arguments that are not derived from the dataset.
         channels_last: Train in the channels-last memory layout (NHWC): the same model and arithmetic, but
-            oneDNN's convolutions and max pooling run faster on it. Measured per model, one thread, a step of
-            128 28x28 images: GoogLeNet 1.8x (its nine pool-projection max pools took a third of the step),
-            deep_convnet, resnet_small and VGG-11 1.35-1.45x, AlexNet and VGG-16 1.2x, LeNet-5 1.1x (left off).
+            oneDNN's convolutions and max pooling run faster on it. A training step of 128 28x28 images on one
+            thread (``bench/train_layout.py``): GoogLeNet 1.87x faster (its nine pool-projection max pools took
+            a third of the step), deep_convnet, resnet_small, VGG-11 and VGG-16 1.2-1.4x, AlexNet 1.08x;
+            LeNet-5 1.16x, left off (a 3-minute run, and the model most tests train).
     """
 
     name: str
