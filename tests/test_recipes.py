@@ -168,11 +168,14 @@ def test_defaults_bench_reads_the_readme_claims_and_flags_gaps(monkeypatch, tmp_
     table = tmp_path / "README.md"
     table.write_text("| `rcnn` | `shapes-boxes`, `x` | cmd | mAP@0.5 0.905 ± 0.005 over seeds | t | b |\n"
                      "| `fcn2s`, `fcn8s` | `shapes-scenes` | cmd | mean IoU 0.911 (seed 0) | t | b |\n"
-                     "| `dmlp` | `mnist` | cmd | not measured 98.0% | t | b |\n")
+                     "| `dmlp` | `mnist` | cmd | not measured 98.0% | t | b |\n"
+                     "| `dae` (denoising) | `mnist` | cmd | PSNR 22.92 dB ± 0.02 from noisy inputs; clean 24.85 dB | t | b |\n")
     monkeypatch.setattr(module, "README", table)
     assert module.readme_claim("rcnn", "shapes-boxes", "map50")[0] == pytest.approx(0.905)
     assert module.readme_claim("fcn8s", "shapes-scenes", "miou")[0] == pytest.approx(0.911)
     assert module.readme_claim("dmlp", "mnist", "acc")[0] is None
+    assert module.readme_claim("dae", "mnist", "psnr")[0] == pytest.approx(22.92)
+    assert module.readme_claim("ae", "mnist", "psnr")[1] == "no row in the README's model table"  # not `dae`'s
     assert module.readme_claim("lenet5", "mnist", "acc") == (None, "no row in the README's model table")
     monkeypatch.undo()
     below = module.row("deep_convnet", "mnist", "acc", {"mean": claim - 0.0002, "std": 0.0, "seeds": 1}, "test")
