@@ -105,7 +105,8 @@ def row(model: str, dataset: str, metric: str, measured: dict[str, Any], source:
     claim, text = readme_claim(model, dataset, metric)
     digits = _decimals(text, metric)
     gap = None if claim is None else round(measured["mean"], digits) < round(claim, digits)
-    command = f"dlpipe train {model}" + ("" if dataset == get_spec(model).default_dataset else f" --dataset {dataset}")
+    command = COMMANDS.get(model) or (
+        f"dlpipe train {model}" + ("" if dataset == get_spec(model).default_dataset else f" --dataset {dataset}"))
     return {"model": model, "dataset": dataset, "command": command, "metric": metric, "measured": measured,
             "source": source, "readme_claim": claim, "readme_text": text, "gap": gap, **extra}
 
@@ -131,10 +132,9 @@ def collected() -> list[dict[str, Any]]:
             differs |= {k: (trained[k], registry[k]) for k in registry if k in trained and trained[k] != registry[k]
                         and k not in ("model_args", "batch_norm")}
             differs |= {k: (trained[k], None) for k in ("limit", "test_limit") if trained.get(k)}  # reduced runs
-        extra = {"command": COMMANDS[model]} if model in COMMANDS else {}
         rows.append(row(model, dataset, metric, _seeded(measured), f"bench/results/{file}",
                         recipe_is_registry_default=not differs if registry else None,
-                        recipe_differences=differs, **extra))
+                        recipe_differences=differs))
     return rows
 
 
@@ -161,8 +161,7 @@ def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir
             print(f"{model} {dataset} seed {seed}: {metric} {values[-1][1]:.4f} in {runs[-1]['train_seconds']:.0f} s",
                   flush=True)
             rows[pair] = row(model, dataset, metric, _seeded(values), "trained by bench/defaults.py", runs=runs,
-                             recipe=_registry_recipe(model, dataset), threads=threads,
-                             **({"command": COMMANDS[model]} if model in COMMANDS else {}))
+                             recipe=_registry_recipe(model, dataset), threads=threads)
             write_result("defaults", {"rows": list(rows.values())}, str(path))
     return list(rows.values())
 
@@ -185,8 +184,7 @@ def merge(files: list[str]) -> list[dict[str, Any]]:
         runs = sorted(r["runs"], key=lambda x: x["seed"])
         values = [(x["seed"], x["value"]) for x in runs]
         rows.append(row(model, dataset, r["metric"], _seeded(values), "trained by bench/defaults.py", runs=runs,
-                        recipe=r["recipe"], threads=r["threads"],
-                        **({"command": COMMANDS[model]} if model in COMMANDS else {})))
+                        recipe=r["recipe"], threads=r["threads"]))
     return rows
 
 

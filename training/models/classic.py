@@ -78,7 +78,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
     In PyTorch the sum of squares over each window of ``size`` neighbouring channels is a 1x1 convolution
     with a fixed banded 0/1 matrix: the same sum (zero-padded at the ends, as ``local_response_norm``), but
     2-3.5x faster forward and backward on CPU than the 3-D average pool PyTorch's own uses, which took
-    40% of AlexNet's training step on one thread (662 -> ~480 ms a batch of 128)."""
+    40% of AlexNet's training step on one thread (662 -> 511 ms a batch of 128)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
