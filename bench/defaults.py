@@ -9,7 +9,8 @@ Two sources, one row per model and dataset:
   recipe they trained with is still the registry's (``recipe_is_registry_default``).
 
 Each row carries the README model table's claim for that model and dataset (parsed from README.md) and
-``gap``: the measured mean, rounded as the README rounds it, below the claim. A gap is a failed benchmark.
+``gap``: the measured mean, rounded as the README rounds it, below the claim (above it for the figures where
+less is better: an RBM's reconstruction error, a GAN's FID). A gap is a failed benchmark.
 
     python bench/defaults.py --train dmlp:mnist lenet5:mnist --seeds 0,1,2 --threads 1   # then:
     python bench/defaults.py --merge a.json b.json                                       # -> defaults.json
@@ -42,7 +43,10 @@ TEST_KEY = {"captioner": "test_beam_bleu"}
 # How the README writes each task's figure (the first match in the row's "figure reached" cell).
 CLAIM_PATTERNS = {"acc": r"([0-9]+\.[0-9]+)%", "miou": r"mean IoU ([0-9.]+)", "map50": r"mAP@0\.5 ([0-9.]+)",
                   "bleu": r"BLEU-4 ([0-9.]+)", "return": r"mean return ([0-9.]+)",
-                  "psnr": r"PSNR ([0-9.]+) dB"}
+                  "psnr": r"PSNR ([0-9.]+) dB", "recon_error": r"reconstruction error ([0-9.]+)",
+                  "fid": r"FID ([0-9.]+)"}
+# The figures where less is better: a gap is the measured mean above the claim.
+LOWER_IS_BETTER = {"recon_error", "fid"}
 
 
 def _seeded(values: list[tuple[int, float]]) -> dict[str, Any]:
@@ -104,7 +108,8 @@ def _decimals(text: str, metric: str) -> int:
 def row(model: str, dataset: str, metric: str, measured: dict[str, Any], source: str, **extra) -> dict[str, Any]:
     claim, text = readme_claim(model, dataset, metric)
     digits = _decimals(text, metric)
-    gap = None if claim is None else round(measured["mean"], digits) < round(claim, digits)
+    sign = -1 if metric in LOWER_IS_BETTER else 1
+    gap = None if claim is None else sign * round(measured["mean"], digits) < sign * round(claim, digits)
     command = COMMANDS.get(model) or (
         f"dlpipe train {model}" + ("" if dataset == get_spec(model).default_dataset else f" --dataset {dataset}"))
     return {"model": model, "dataset": dataset, "command": command, "metric": metric, "measured": measured,
@@ -157,7 +162,8 @@ def train_rows(pairs: list[str], seeds: list[int], threads: int | None, data_dir
                          "test": {k: v for k, v in result.items() if k.startswith("test_") and k != key
                                   and isinstance(v, (int, float))},
                          "train_seconds": round(result["train_seconds"], 1),
-                         "train_cpu_seconds": round(result["train_cpu_seconds"], 1)})
+                         **({"train_cpu_seconds": round(result["train_cpu_seconds"], 1)}
+                            if "train_cpu_seconds" in result else {})})
             print(f"{model} {dataset} seed {seed}: {metric} {values[-1][1]:.4f} in {runs[-1]['train_seconds']:.0f} s",
                   flush=True)
             rows[pair] = row(model, dataset, metric, _seeded(values), "trained by bench/defaults.py", runs=runs,

@@ -169,7 +169,8 @@ def test_defaults_bench_reads_the_readme_claims_and_flags_gaps(monkeypatch, tmp_
     table.write_text("| `rcnn` | `shapes-boxes`, `x` | cmd | mAP@0.5 0.905 ± 0.005 over seeds | t | b |\n"
                      "| `fcn2s`, `fcn8s` | `shapes-scenes` | cmd | mean IoU 0.911 (seed 0) | t | b |\n"
                      "| `dmlp` | `mnist` | cmd | not measured 98.0% | t | b |\n"
-                     "| `dae` (denoising) | `mnist` | cmd | PSNR 22.92 dB ± 0.02 from noisy inputs; clean 24.85 dB | t | b |\n")
+                     "| `dae` (denoising) | `mnist` | cmd | PSNR 22.92 dB ± 0.02 from noisy inputs; clean 24.85 dB | t | b |\n"
+                     "| `rbm` | `mnist` | cmd | reconstruction error 7.31 ± 0.02 per image | t | b |\n")
     monkeypatch.setattr(module, "README", table)
     assert module.readme_claim("rcnn", "shapes-boxes", "map50")[0] == pytest.approx(0.905)
     assert module.readme_claim("fcn8s", "shapes-scenes", "miou")[0] == pytest.approx(0.911)
@@ -177,6 +178,11 @@ def test_defaults_bench_reads_the_readme_claims_and_flags_gaps(monkeypatch, tmp_
     assert module.readme_claim("dae", "mnist", "psnr")[0] == pytest.approx(22.92)
     assert module.readme_claim("ae", "mnist", "psnr")[1] == "no row in the README's model table"  # not `dae`'s
     assert module.readme_claim("lenet5", "mnist", "acc") == (None, "no row in the README's model table")
+    # less is better: a reconstruction error above the claim (at its rounding) is the gap
+    worse = module.row("rbm", "mnist", "recon_error", {"mean": 7.316, "std": 0.0, "seeds": 1}, "t")
+    better = module.row("rbm", "mnist", "recon_error", {"mean": 7.2, "std": 0.0, "seeds": 1}, "t")
+    rounds = module.row("rbm", "mnist", "recon_error", {"mean": 7.314, "std": 0.0, "seeds": 1}, "t")
+    assert worse["gap"] is True and better["gap"] is False and rounds["gap"] is False
     monkeypatch.undo()
     below = module.row("deep_convnet", "mnist", "acc", {"mean": claim - 0.0002, "std": 0.0, "seeds": 1}, "test")
     same = module.row("deep_convnet", "mnist", "acc", {"mean": claim + 0.00004, "std": 0.0, "seeds": 1}, "test")
